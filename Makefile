@@ -1,0 +1,44 @@
+# The two commands a newcomer needs: `make run` and `make test`. Everything else is set-up they call.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+export UV_CACHE_DIR ?= $(HOME)/.cache/agentforge/uv
+export UV_LINK_MODE ?= hardlink
+
+.PHONY: venv run test test-unit infra-install infra-up infra-down bench clean
+
+$(UV):
+	$(PYTHON) -m pip install --user --quiet uv
+
+$(BIN)/agentforge: pyproject.toml | $(UV)
+	$(UV) venv --quiet --allow-existing -p $(PYTHON) $(VENV)
+	$(UV) pip install --quiet -p $(BIN)/python -e '.[test]'
+	touch $@
+
+venv: $(BIN)/agentforge
+
+## Run the whole pipeline embedded (one process, local store) on the defaults.
+run: venv
+	$(BIN)/agentforge run
+
+## Install and start the real Kafka, S3 server and Jaeger (cached), then run every test.
+test: venv
+	$(BIN)/agentforge infra install
+	$(BIN)/python -m pytest
+
+test-unit: venv
+	$(BIN)/python -m pytest -m "unit"
+
+infra-install: venv
+	$(BIN)/agentforge infra install
+infra-up: venv
+	$(BIN)/agentforge infra up
+infra-down: venv
+	$(BIN)/agentforge infra down
+
+bench: venv
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache
