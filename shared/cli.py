@@ -1,0 +1,11 @@
+"""`agentforge`: the command line. Each group of commands lives beside the code it drives."""
+from __future__ import annotations
+
+import typer
+
+from shared.fabric.cli import register_fabric_commands
+from shared.localinfra.cli import infra_app
+
+app = typer.Typer(help="Agent Forge: forge small language models, embedded or as services.", no_args_is_help=True)
+app.add_typer(infra_app, name="infra", help="Install, start and stop the local Kafka, S3 server and Jaeger.")
+register_fabric_commands(app)

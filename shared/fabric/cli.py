@@ -1,0 +1,5 @@
+import typer
+
+
+def register_fabric_commands(app: typer.Typer) -> None:
+    pass

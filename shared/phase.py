@@ -1,0 +1,89 @@
+"""The one interface every phase implements, and the registry that finds phases by name.
+
+A phase is a pure transform: (models, config) -> (models, report). It knows nothing of Kafka, S3 or
+OpenTelemetry, so the same code runs embedded, inside a service and in a test. Data comes from the
+shared, seeded data module, chosen by the config. Phases register through the entry-point group
+"agentforge.phases", so this package never imports services/.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, Callable, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+ENTRY_POINT_GROUP = "agentforge.phases"
+
+# progress(fraction in [0, 1], message); phases call it on long work, the runtime turns it into events.
+ProgressFn = Callable[[float, str], None]
+
+
+def no_progress(fraction: float, message: str) -> None:
+    pass
+
+
+class PhaseConfig(BaseModel):
+    """Base for every phase's config: frozen, and unknown keys are an error, not a silent default."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    seed: int = 0
+
+    def config_hash(self) -> str:
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass
+class ForgedModel:
+    """A model with its tokenizer, as phases pass them to each other."""
+
+    model: Any  # transformers.PreTrainedModel
+    tokenizer: Any  # transformers.PreTrainedTokenizerFast
+    name: str = "model"  # role in the run, e.g. "specialist-reasoning"; becomes the checkpoint's name
+
+
+@dataclass
+class PhaseResult:
+    models: list[ForgedModel]
+    # JSON-serialisable; every number in it measured by the phase on a real model.
+    report: dict[str, Any] = field(default_factory=dict)
+    # Extra files stored beside the weights in the checkpoint, name -> bytes (e.g. a packed ternary file).
+    extra_files: dict[str, dict[str, bytes]] = field(default_factory=dict)  # model name -> files
+
+
+class Phase(ABC):
+    name: ClassVar[str]
+    # Bump when the same input and config would give a different output: it is part of the output key.
+    version: ClassVar[str] = "1"
+    Config: ClassVar[type[PhaseConfig]] = PhaseConfig
+
+    def parse_config(self, raw: dict[str, Any] | None) -> PhaseConfig:
+        return self.Config.model_validate(raw or {})
+
+    @abstractmethod
+    def transform(
+        self, models: list[ForgedModel], config: PhaseConfig, progress: ProgressFn = no_progress
+    ) -> PhaseResult:
+        """Turn the input models into output models and a report of measured numbers."""
+
+
+class UnknownPhaseError(LookupError):
+    pass
+
+
+def available_phases() -> dict[str, Any]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def get_phase(name: str) -> Phase:
+    found = available_phases()
+    if name not in found:
+        known = ", ".join(sorted(found)) or "none (is the project installed? `make venv`)"
+        raise UnknownPhaseError(f"no phase named {name!r}; registered phases: {known}")
+    phase_cls = found[name].load()
+    return phase_cls()
