@@ -1,0 +1,28 @@
+"""Finding a phase from the name a PipelineSpec step gives.
+
+A registered name ("cognate") goes through shared.phase.get_phase (entry points). "module:Class" loads
+a Phase subclass that is not registered: test phases that separate service processes must load too.
+"""
+from __future__ import annotations
+
+import importlib
+
+from shared.phase import Phase, get_phase
+
+
+def load_phase(spec: str) -> Phase:
+    if ":" not in spec:
+        return get_phase(spec)
+    module_name, _, class_name = spec.partition(":")
+    try:
+        phase_cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as error:
+        raise LookupError(f"cannot load phase {spec!r}: {error}") from error
+    if not (isinstance(phase_cls, type) and issubclass(phase_cls, Phase)):
+        raise TypeError(f"{spec!r} is not a shared.phase.Phase subclass")
+    return phase_cls()
+
+
+def phase_name(spec: str) -> str:
+    """The name topics and consumer groups use: the registered name, or the loaded class's `name`."""
+    return spec if ":" not in spec else load_phase(spec).name
