@@ -15,11 +15,12 @@ import shutil
 import subprocess
 import tempfile
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import pytest
 import yaml
 
 from shared.fabric.topics import Topics
@@ -48,6 +49,17 @@ LONGEST_PHASE_HANDLER_S = 900
 
 class SchemaUnavailable(RuntimeError):
     """An upstream schema could not be fetched (no Go toolchain or no route to the module proxy)."""
+
+
+T = TypeVar("T")
+
+
+def fetched_or_skip(fetch: Callable[[], T], what: str) -> T:
+    """For fixtures: what `fetch` returns, or a skip that says why it could not be had."""
+    try:
+        return fetch()
+    except SchemaUnavailable as reason:
+        pytest.skip(f"{what} is not obtainable: {reason}")
 
 
 # --- the project's own facts ---------------------------------------------------------------------------------

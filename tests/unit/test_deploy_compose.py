@@ -19,15 +19,16 @@ import jsonschema
 import pytest
 import yaml
 
+from shared.fabric.kafka_bus import DEFAULT_PARTITIONS
 from tests.deploy_support import (
     BIND_ADDRESS_VARIABLES,
     COMPOSE_FILE,
     DOCKERFILE,
     LONGEST_PHASE_HANDLER_S,
     REPO,
-    SchemaUnavailable,
     all_interfaces_problems,
     compose_spec_schema,
+    fetched_or_skip,
     read_env_file,
     registered_phases,
     settings_variables,
@@ -49,11 +50,19 @@ Compose = dict[str, Any]
 
 
 def environment(service: dict[str, Any]) -> dict[str, Any]:
-    """`environment` in either form (mapping, or list of KEY=VALUE); values keep their identity for 0.0.0.0 checks."""
+    """`environment` in either form: a mapping, or a list of KEY=VALUE."""
     env = service.get("environment") or {}
     if isinstance(env, list):
-        return {item.partition("=")[0]: item for item in env}
+        return dict(item.partition("=")[::2] for item in env)
     return env
+
+
+def bind_address_strings(service: dict[str, Any]) -> set[int]:
+    """id() of the strings in the file that set a bind-address variable (its value, or the whole KEY=VALUE item)."""
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        return {id(item) for item in env if item.partition("=")[0] in BIND_ADDRESS_VARIABLES}
+    return {id(value) for key, value in env.items() if key in BIND_ADDRESS_VARIABLES}
 
 
 def env_files(service: dict[str, Any], root: Path) -> list[Path]:
@@ -144,7 +153,7 @@ def compose_problems(compose: Compose, root: Path) -> list[str]:
                 problems.append(f"{name}: waits for {target} to complete, but {target} restarts when it exits")
 
         variables = dict(environment(service))
-        allowed_all_interfaces |= {id(v) for k, v in variables.items() if k in BIND_ADDRESS_VARIABLES}
+        allowed_all_interfaces |= bind_address_strings(service)
         for env_file in env_files(service, root):
             # The real credentials file is not committed; its committed example stands for it.
             stand_in = env_file if env_file.is_file() else env_file.with_name(env_file.name + ".example")
@@ -198,13 +207,16 @@ def agentforge_service_problems(name: str, service: dict[str, Any], variables: d
 
 
 def topic_problems(services: dict[str, dict[str, Any]], served: dict[str, str]) -> list[str]:
-    """A topic-creating job (PHASE_TOPICS) must create the input topic of every phase that is served."""
+    """A topic-creating job (PHASE_TOPICS) must create the input topic of every phase that is served, with the
+    partitions the services would give it (whoever comes first, a topic gets the same count)."""
     problems = []
     for name, service in services.items():
-        created = environment(service).get("PHASE_TOPICS")
-        if created is not None:
-            missing = {topics().phase_input(phase) for phase in served} - set(str(created).split())
+        env = environment(service)
+        if "PHASE_TOPICS" in env:
+            missing = {topics().phase_input(phase) for phase in served} - set(str(env["PHASE_TOPICS"]).split())
             problems += [f"{name}: does not create {topic}" for topic in sorted(missing)]
+            if str(env.get("PARTITIONS")) != str(DEFAULT_PARTITIONS):
+                problems.append(f"{name}: PARTITIONS must be {DEFAULT_PARTITIONS}, as the services create topics")
     return problems
 
 
@@ -218,10 +230,7 @@ def compose() -> Compose:
 
 @pytest.fixture(scope="session")
 def spec_schema() -> dict[str, Any]:
-    try:
-        return compose_spec_schema()
-    except SchemaUnavailable as reason:
-        pytest.skip(f"compose-spec.json is not obtainable: {reason}")
+    return fetched_or_skip(compose_spec_schema, "compose-spec.json")
 
 
 def test_compose_file_follows_the_compose_specification(compose, spec_schema):
@@ -264,6 +273,20 @@ def own_environment(compose: Compose, name: str) -> dict[str, Any]:
     return env
 
 
+def as_list_with_otlp_everywhere(compose: Compose) -> list[tuple[str, Any]]:
+    env = dict(environment(service(compose, "cognate")))
+    env["AGENTFORGE_OTLP_ENDPOINT"] = "http://0.0.0.0:4318"
+    return list(env.items())
+
+
+def test_list_form_environments_are_read_like_mappings(compose):
+    # The x- templates are only anchors for the services; with the services rewritten they stand alone.
+    as_lists = {key: value for key, value in copy.deepcopy(compose).items() if not key.startswith("x-")}
+    for each in as_lists["services"].values():
+        each["environment"] = [f"{k}={v}" for k, v in environment(each).items()]
+    assert compose_problems(as_lists, REPO) == []
+
+
 BREAKS: dict[str, tuple[Callable[[Compose], None], str]] = {
     "dependency that does not exist": (
         lambda c: service(c, "bitnet").update(depends_on={"kafka-setup": {"condition": "service_completed_successfully"}}),
@@ -279,12 +302,17 @@ BREAKS: dict[str, tuple[Callable[[Compose], None], str]] = {
                                         "not on 127.0.0.1"),
     "0.0.0.0 outside a bind address": (
         lambda c: own_environment(c, "cognate").update(AGENTFORGE_OTLP_ENDPOINT="http://0.0.0.0:4318"), "0.0.0.0"),
+    "0.0.0.0 in a KEY=VALUE list": (
+        lambda c: service(c, "cognate").update(environment=[f"{k}={v}" for k, v in as_list_with_otlp_everywhere(c)]),
+        "0.0.0.0"),
     "Dockerfile that does not exist": (
         lambda c: service(c, "control").update(build={"context": ".", "dockerfile": "infra/docker/Containerfile"}),
         "does not exist"),
     "phase without its input topic": (
         lambda c: own_environment(c, "kafka-init").update(PHASE_TOPICS="agentforge.cognate.in agentforge.bitnet.in"),
         "agentforge.evomerge.in"),
+    "topics with another partition count": (lambda c: own_environment(c, "kafka-init").update(PARTITIONS=4),
+                                            "PARTITIONS"),
     "phase stopped before its handler ends": (lambda c: service(c, "cognate").update(stop_grace_period="10s"),
                                               "stop_grace_period"),
     "healthcheck on the wrong port": (lambda c: own_environment(c, "bitnet").update(AGENTFORGE_HEALTH_ADDR="0.0.0.0:9090"),

@@ -18,13 +18,15 @@ import pytest
 from kubernetes_validate.utils import SchemaNotFoundError, latest_version
 from packaging.version import Version
 
+from shared.fabric.kafka_bus import DEFAULT_PARTITIONS
+
 from tests.deploy_support import (
     BIND_ADDRESS_VARIABLES,
     K8S,
     LONGEST_PHASE_HANDLER_S,
     RenderError,
-    SchemaUnavailable,
     all_interfaces_problems,
+    fetched_or_skip,
     keda_kafka_trigger_parameters,
     keda_scaledobject_schema,
     kubectl,
@@ -161,15 +163,16 @@ def container_problems(workload: dict[str, Any], config: dict[str, str], names: 
     return problems
 
 
-def scaledobject_problems(
-    scaled: dict[str, Any], phase: str, config: dict[str, str], kafka_parameters: dict[str, tuple[str, ...]]
-) -> list[str]:
+def scaledobject_problems(scaled: dict[str, Any], phase: str, config: dict[str, str]) -> list[str]:
     where = f"ScaledObject/{scaled['metadata']['name']}"
     names = topics(config.get("AGENTFORGE_TOPIC_PREFIX"))
     spec = scaled["spec"]
     problems = []
     if spec.get("minReplicaCount") != 0:
         problems.append(f"{where}: minReplicaCount must be 0 (an idle phase costs nothing)")
+    if spec.get("maxReplicaCount", 100) > DEFAULT_PARTITIONS:
+        problems.append(f"{where}: maxReplicaCount is above the input topic's {DEFAULT_PARTITIONS} partitions; "
+                        f"the extra replicas would sit idle")
     # The CRD's x-kubernetes-validations rule, which JSON Schema cannot evaluate.
     if spec.get("minReplicaCount", 0) > spec.get("maxReplicaCount", 100):
         problems.append(f"{where}: minReplicaCount must be less than or equal to maxReplicaCount")
@@ -177,11 +180,6 @@ def scaledobject_problems(
     if len(kafka) != 1:
         return problems + [f"{where}: needs exactly one kafka trigger"]
     metadata = kafka[0].get("metadata", {})
-    for key, value in metadata.items():
-        if key not in kafka_parameters:
-            problems.append(f"{where}: KEDA's kafka scaler has no parameter {key!r}")
-        elif kafka_parameters[key] and value not in kafka_parameters[key]:
-            problems.append(f"{where}: {key} must be one of {kafka_parameters[key]}, not {value!r}")
     expected = {
         "bootstrapServers": config.get("AGENTFORGE_KAFKA_BOOTSTRAP"),
         "topic": names.phase_input(phase),
@@ -192,6 +190,20 @@ def scaledobject_problems(
             problems.append(f"{where}: {key} is {metadata.get(key)!r}, the service uses {value!r}")
     if not str(metadata.get("lagThreshold", "")).isdigit() or int(metadata["lagThreshold"]) < 1:
         problems.append(f"{where}: lagThreshold must be a whole number of records, at least 1")
+    return problems
+
+
+def trigger_parameter_problems(resources: Resources, kafka_parameters: dict[str, tuple[str, ...]]) -> list[str]:
+    """Kafka trigger metadata keys KEDA reads, with values it accepts: it ignores unknown keys silently."""
+    problems = []
+    for scaled in of_kind(resources, "ScaledObject"):
+        where = f"ScaledObject/{scaled['metadata']['name']}"
+        for trigger in scaled["spec"].get("triggers", []):
+            for key, value in trigger.get("metadata", {}).items() if trigger.get("type") == "kafka" else ():
+                if key not in kafka_parameters:
+                    problems.append(f"{where}: KEDA's kafka scaler has no parameter {key!r}")
+                elif kafka_parameters[key] and value not in kafka_parameters[key]:
+                    problems.append(f"{where}: {key} must be one of {kafka_parameters[key]}, not {value!r}")
     return problems
 
 
@@ -213,9 +225,7 @@ def gpu_problems(resources: Resources, gpu_expected: bool) -> list[str]:
     return problems
 
 
-def manifest_problems(
-    resources: Resources, kafka_parameters: dict[str, tuple[str, ...]], gpu_expected: bool
-) -> list[str]:
+def manifest_problems(resources: Resources, gpu_expected: bool) -> list[str]:
     """Everything a rendered overlay must satisfy beyond its schemas."""
     config, problems = config_problems(resources)
     names = {r["metadata"]["name"] for r in resources}
@@ -246,17 +256,21 @@ def manifest_problems(
         if phase is None:
             problems.append(f"ScaledObject/{scaled['metadata']['name']}: targets {target!r}, not a phase Deployment")
             continue
-        problems += scaledobject_problems(scaled, phase, config, kafka_parameters)
+        problems += scaledobject_problems(scaled, phase, config)
     problems += [f"{name}: needs exactly one ScaledObject, has {len(scaled_targets.get(name, []))}"
                  for name in phases.values() if len(scaled_targets.get(name, [])) != 1]
 
-    # A topic-creating Job must create every phase's input topic.
+    # A topic-creating Job must create every phase's input topic, with the partitions the services would give it.
     for job in of_kind(resources, "Job"):
         for container in pod_spec(job)["containers"]:
-            created = next((e["value"].split() for e in container.get("env", []) if e["name"] == "PHASE_TOPICS"), None)
-            if created is not None:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            if "PHASE_TOPICS" in env:
                 wanted = {topics(config.get("AGENTFORGE_TOPIC_PREFIX")).phase_input(p) for p in phases}
-                problems += [f"Job/{job['metadata']['name']}: does not create {t}" for t in sorted(wanted - set(created))]
+                problems += [f"Job/{job['metadata']['name']}: does not create {t}"
+                             for t in sorted(wanted - set(env["PHASE_TOPICS"].split()))]
+                if env.get("PARTITIONS") != str(DEFAULT_PARTITIONS):
+                    problems.append(f"Job/{job['metadata']['name']}: PARTITIONS must be {DEFAULT_PARTITIONS}, as the "
+                                    f"services create topics (shared/fabric/kafka_bus.py)")
 
     problems += control_problems(resources, config)
     problems += gpu_problems(resources, gpu_expected)
@@ -292,18 +306,12 @@ def control_problems(resources: Resources, config: dict[str, str]) -> list[str]:
 
 @pytest.fixture(scope="session")
 def kafka_parameters() -> dict[str, tuple[str, ...]]:
-    try:
-        return keda_kafka_trigger_parameters()
-    except SchemaUnavailable as reason:
-        pytest.skip(f"KEDA's source is not obtainable: {reason}")
+    return fetched_or_skip(keda_kafka_trigger_parameters, "KEDA's kafka scaler source")
 
 
 @pytest.fixture(scope="session")
 def scaledobject_schema() -> dict[str, Any]:
-    try:
-        return keda_scaledobject_schema()
-    except SchemaUnavailable as reason:
-        pytest.skip(f"KEDA's CRD schema is not obtainable: {reason}")
+    return fetched_or_skip(keda_scaledobject_schema, "KEDA's ScaledObject CRD")
 
 
 @pytest.fixture(scope="session")
@@ -329,8 +337,13 @@ def test_every_overlay_renders_and_validates_strictly(rendered, scaledobject_sch
 
 
 @pytest.mark.parametrize("name", OVERLAYS)
-def test_overlays_agree_with_the_code_they_deploy(rendered, kafka_parameters, name):
-    assert manifest_problems(rendered[name], kafka_parameters, gpu_expected=name == "gpu") == []
+def test_overlays_agree_with_the_code_they_deploy(rendered, name):
+    assert manifest_problems(rendered[name], gpu_expected=name == "gpu") == []
+
+
+@pytest.mark.parametrize("name", ["base", *OVERLAYS])
+def test_kafka_triggers_use_only_parameters_keda_reads(rendered, kafka_parameters, name):
+    assert trigger_parameter_problems(rendered[name], kafka_parameters) == []
 
 
 def test_every_registered_phase_runs_as_a_scaled_deployment(rendered):
@@ -390,11 +403,7 @@ def test_schema_validation_refuses_a_broken_manifest(rendered, scaledobject_sche
 CONSISTENCY_BREAKS: dict[str, tuple[Callable[[Resources], None], str]] = {
     "topic the service does not read": (
         lambda r: kafka_metadata(r, "cognate").update(topic="agentforge.cognate.input"), "agentforge.cognate.in"),
-    "misspelt KEDA parameter": (
-        lambda r: kafka_metadata(r, "bitnet").update(lagTreshold=kafka_metadata(r, "bitnet").pop("lagThreshold")),
-        "lagTreshold"),
-    "offset policy KEDA lacks": (lambda r: kafka_metadata(r, "bitnet").update(offsetResetPolicy="oldest"),
-                                 "offsetResetPolicy"),
+    "lagThreshold left out": (lambda r: kafka_metadata(r, "bitnet").pop("lagThreshold"), "lagThreshold"),
     "unregistered phase": (lambda r: container_of(r, "evomerge").update(args=["serve", "evomerger"]), "evomerger"),
     "unknown setting": (lambda r: container_of(r, "cognate").setdefault("env", []).append(
         {"name": "AGENTFORGE_KAFKA_SERVERS", "value": "x:9092"}), "AGENTFORGE_KAFKA_SERVERS"),
@@ -407,27 +416,44 @@ CONSISTENCY_BREAKS: dict[str, tuple[Callable[[Resources], None], str]] = {
                             "above its limit"),
     "scale floor above zero": (lambda r: scaled_object(r, "cognate")["spec"].update(minReplicaCount=1),
                                "minReplicaCount"),
+    "more replicas than partitions": (lambda r: scaled_object(r, "bitnet")["spec"].update(maxReplicaCount=8),
+                                      "partitions"),
     "GPU on a phase that does not train": (
         lambda r: container_of(r, "evomerge")["resources"]["limits"].update({GPU: 1}), "asks for a GPU"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CONSISTENCY_BREAKS))
-def test_consistency_checks_refuse_a_broken_manifest(rendered, kafka_parameters, case):
+def test_consistency_checks_refuse_a_broken_manifest(rendered, case):
     resources = copy.deepcopy(rendered["dev"])
     breaker, expected = CONSISTENCY_BREAKS[case]
     breaker(resources)
-    problems = manifest_problems(resources, kafka_parameters, gpu_expected=False)
+    problems = manifest_problems(resources, gpu_expected=False)
     assert problems and any(expected in p for p in problems), problems
 
 
-def test_a_phase_file_that_drifts_from_the_runtime_is_caught_after_rendering(tmp_path, kafka_parameters):
+@pytest.mark.parametrize(
+    ("case", "breaker", "expected"),
+    [
+        ("misspelt parameter", lambda r: kafka_metadata(r, "bitnet").update(lagTreshold="1"), "'lagTreshold'"),
+        ("offset policy KEDA lacks", lambda r: kafka_metadata(r, "cognate").update(offsetResetPolicy="oldest"),
+         "offsetResetPolicy must be one of"),
+    ],
+)
+def test_parameter_checks_refuse_what_keda_would_ignore(rendered, kafka_parameters, case, breaker, expected):
+    resources = copy.deepcopy(rendered["dev"])
+    breaker(resources)
+    problems = trigger_parameter_problems(resources, kafka_parameters)
+    assert problems and any(expected in p for p in problems), problems
+
+
+def test_a_phase_file_that_drifts_from_the_runtime_is_caught_after_rendering(tmp_path):
     if kubectl() is None:
         pytest.skip("kubectl is not on PATH (Debian: apt-get install kubectl)")
     shutil.copytree(K8S, tmp_path / "k8s")
     phase_file = tmp_path / "k8s" / "base" / "phases" / "evomerge" / "kustomization.yaml"
     phase_file.write_text(phase_file.read_text().replace("value: agentforge-evomerge", "value: agentforge-merge"))
-    problems = manifest_problems(render(tmp_path / "k8s" / "overlays" / "dev"), kafka_parameters, gpu_expected=False)
+    problems = manifest_problems(render(tmp_path / "k8s" / "overlays" / "dev"), gpu_expected=False)
     assert any("consumerGroup" in p and "agentforge-evomerge" in p for p in problems), problems
 
 
