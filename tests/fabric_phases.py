@@ -140,3 +140,15 @@ class FineTune(Phase):
 
 def spec_for(*phases: type[Phase]) -> list[str]:
     return [f"{__name__}:{phase.__name__}" for phase in phases]
+
+
+def seed_checkpoint(directory: Path, seed: int = 0) -> Path:
+    """A real checkpoint folder of a SeedModel model, for tests of the transport."""
+    from shared.checkpoint import save_checkpoint
+
+    phase = SeedModel()
+    config = SeedConfig(seed=seed)
+    forged = phase.transform([], config).models[0]
+    save_checkpoint(forged, directory, phase=phase.name, code_version=phase.version,
+                    config=config.model_dump(mode="json"), config_hash=config.config_hash(), parents=[])
+    return directory
