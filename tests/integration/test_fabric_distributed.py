@@ -1,0 +1,286 @@
+"""The fabric for real: phase services as separate processes on Kafka, the S3 server and Jaeger.
+
+Every test gets its own topic prefix and bucket, so runs never see each other's events or outputs.
+The services run the test phases of tests/fabric_phases.py, loaded as "module:Class".
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from shared.contracts.agentforge.v1 import events_pb2
+from shared.fabric.dlq import list_dead_letters, redrive_dead_letters
+from shared.fabric.embedded import run_embedded_async
+from shared.fabric.events import FailureReason, decode_envelope, new_envelope, pipeline_spec
+from shared.fabric.kafka_bus import KafkaBus
+from shared.fabric.launch import ServiceProcess, spawn_phase_service
+from shared.fabric.local_store import LocalStore
+from shared.fabric.pipeline import publish_envelope, start_pipeline
+from shared.fabric.s3_store import S3Store
+from shared.fabric.topics import Topics
+from shared.fabric.tracing import tracer_provider
+from shared.fabric.transport import download_checkpoint, pack_checkpoint, upload_checkpoint
+from shared.settings import Settings
+from tests.fabric_phases import FineTune, ScaleWeights, SeedModel, seed_checkpoint, spec_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+SEED, SCALE, FINETUNE = spec_for(SeedModel, ScaleWeights, FineTune)
+SERVICE_START_S = 240  # importing torch and transformers takes long on a busy machine
+
+
+@pytest.fixture
+def fabric(infra, tmp_path):
+    """Settings isolated to this test: own topic prefix, own bucket; and a way to start services."""
+    tag = uuid.uuid4().hex[:10]
+    settings = Settings(topic_prefix=f"aftest{tag}", s3_bucket=f"aftest-{tag}")
+    env = {"AGENTFORGE_TOPIC_PREFIX": settings.topic_prefix, "AGENTFORGE_S3_BUCKET": settings.s3_bucket,
+           "PYTHONPATH": str(REPO)}
+    services: list[ServiceProcess] = []
+
+    def start_services(*phase_specs: str, **serve_kwargs) -> list[ServiceProcess]:
+        """Spawn all, then wait for all: their slow imports overlap."""
+        started = [
+            spawn_phase_service(spec, env=env, log_path=tmp_path / f"service-{len(services) + i}.log", cwd=REPO,
+                                **serve_kwargs)
+            for i, spec in enumerate(phase_specs)
+        ]
+        services.extend(started)
+        for service in started:
+            service.wait_ready(SERVICE_START_S)
+            assert httpx.get(f"http://{service.health_addr}/healthz", timeout=5).status_code == 200
+        return started
+
+    yield settings, start_services, tmp_path
+    for service in services:
+        service.stop()
+
+
+async def run_events(
+    settings: Settings, run_ids: set[str], until: set[str], timeout_s: float, linger_s: float = 0.0
+) -> list:
+    """Events on the runs topic for `run_ids` until each has one of the payload kinds in `until`,
+    then whatever else comes for them within linger_s (late duplicates)."""
+    topics = Topics.from_settings(settings)
+    bus = KafkaBus(settings.kafka_bootstrap)
+    consumer = bus.consumer([topics.runs], f"{topics.prefix}-watch-{uuid.uuid4().hex[:6]}")
+    await bus.ensure_topics([topics.runs])
+    await consumer.start()
+    seen, finished = [], set()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while finished != run_ids:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"runs {run_ids - finished} did not finish; saw {[kind(e) for e in seen]}")
+            record = await consumer.next(1.0)
+            if record is None:
+                continue
+            envelope = decode_envelope(record.value)
+            if envelope.run_id in run_ids:
+                seen.append(envelope)
+                if kind(envelope) in until:
+                    finished.add(envelope.run_id)
+        while linger_s and (record := await consumer.next(linger_s)) is not None:
+            envelope = decode_envelope(record.value)
+            if envelope.run_id in run_ids:
+                seen.append(envelope)
+    finally:
+        await consumer.stop()
+    return seen
+
+
+def kind(envelope) -> str:
+    return envelope.WhichOneof("payload")
+
+
+async def start_run(settings: Settings, spec) -> str:
+    bus = KafkaBus(settings.kafka_bootstrap)
+    await bus.start()
+    provider = tracer_provider("agentforge-test-control", settings)
+    try:
+        return await start_pipeline(bus, spec, topics=Topics.from_settings(settings), tracer_provider=provider)
+    finally:
+        provider.shutdown()
+        await bus.stop()
+
+
+def output_objects(settings: Settings) -> list[str]:
+    store = S3Store.from_settings(settings)
+    return sorted(o.object_name for o in store.client.list_objects(settings.s3_bucket, prefix="outputs/", recursive=True))
+
+
+def jaeger_trace(settings: Settings, trace_id: str, services: set[str], timeout_s: float = 60) -> list[dict]:
+    """Spans of the trace from Jaeger's /api/v3, once every service in `services` has reported."""
+    url = f"{settings.jaeger_query_url.rstrip('/')}/api/v3/traces/{trace_id}"
+    deadline = time.monotonic() + timeout_s
+    spans: list[dict] = []
+    while time.monotonic() < deadline:
+        response = httpx.get(url, timeout=10)
+        if response.status_code == 200:
+            spans = []
+            for resource_spans in response.json()["result"]["resourceSpans"]:
+                attributes = {a["key"]: a["value"].get("stringValue") for a in resource_spans["resource"]["attributes"]}
+                for scope in resource_spans["scopeSpans"]:
+                    for span in scope["spans"]:
+                        spans.append({**span, "service": attributes.get("service.name")})
+            if services <= {span["service"] for span in spans}:
+                return spans
+        time.sleep(2)
+    raise AssertionError(f"trace {trace_id} lacks services {services - {s['service'] for s in spans}}")
+
+
+def hex_id(value: str) -> str:
+    """OTLP JSON ids are hex; grpc-gateway renderings give base64. Accept both."""
+    if value and all(c in "0123456789abcdefABCDEF" for c in value) and len(value) in (16, 32):
+        return value.lower()
+    return base64.b64decode(value).hex() if value else ""
+
+
+def three_step_spec(invocation_log: Path, hold_s: float = 0.0):
+    return pipeline_spec(
+        [(SEED, {"seed": 11}), (SCALE, {"factor": 0.7}),
+         (FINETUNE, {"steps": 2, "hold_s": hold_s, "invocation_log": str(invocation_log)})],
+        name="integration",
+    )
+
+
+def test_pipeline_runs_across_services_with_one_trace_and_matches_embedded(fabric):
+    settings, start_services, tmp = fabric
+    start_services(SEED, SCALE, FINETUNE)
+    spec = three_step_spec(tmp / "invocations.log")
+    run_id = asyncio.run(start_run(settings, spec))
+    events = asyncio.run(run_events(settings, {run_id}, {"pipeline_completed", "phase_failed"}, timeout_s=300))
+    assert kind(events[-1]) == "pipeline_completed", events[-1]
+    completed = [e.phase_completed for e in events if kind(e) == "phase_completed"]
+    assert [c.phase for c in completed] == ["fabric_seed", "fabric_scale", "fabric_finetune"]
+
+    final = events[-1].pipeline_completed.outputs[0]
+    assert final.uri.startswith(f"s3://{settings.s3_bucket}/")
+    manifest = download_checkpoint(S3Store.from_settings(settings), final, tmp / "final")  # SHA-256 + manifest
+    assert manifest.digest == final.digest
+
+    # One trace: the root span of the start, and a span of every phase service chained to it.
+    trace_id = events[-1].trace.traceparent.split("-")[1]
+    phase_services = {"agentforge-fabric_seed", "agentforge-fabric_scale", "agentforge-fabric_finetune"}
+    spans = jaeger_trace(settings, trace_id, phase_services | {"agentforge-test-control"})
+    by_id = {hex_id(span["spanId"]): span for span in spans}
+    roots = [span for span in spans if not hex_id(span.get("parentSpanId", ""))]
+    assert len(roots) == 1 and roots[0]["service"] == "agentforge-test-control"
+    for service in phase_services:
+        span = next(s for s in spans if s["service"] == service)
+        while hex_id(span.get("parentSpanId", "")):
+            span = by_id[hex_id(span["parentSpanId"])]
+        assert span is roots[0], f"{service}'s span does not chain to the root"
+
+    # Parity: the same spec embedded (local store, in-process bus) gives the same digests at every step.
+    with tempfile.TemporaryDirectory() as store_dir:
+        embedded = asyncio.run(run_embedded_async(three_step_spec(tmp / "invocations.log"), store=LocalStore(Path(store_dir))))
+    assert [s.outputs[0].digest for s in embedded.steps] == [c.outputs[0].digest for c in completed]
+
+
+def test_killed_service_is_restarted_without_losing_or_duplicating_outputs(fabric):
+    settings, start_services, tmp = fabric
+    _, _, finetune = start_services(SEED, SCALE, FINETUNE)
+    log = tmp / "invocations.log"
+    run_id = asyncio.run(start_run(settings, three_step_spec(log, hold_s=6.0)))
+    deadline = time.monotonic() + 300
+    while not (log.exists() and log.read_text()):  # the fine-tune transform has started
+        assert time.monotonic() < deadline, "fine-tune never started"
+        time.sleep(0.2)
+    finetune.kill()
+    start_services(FINETUNE)
+    events = asyncio.run(run_events(settings, {run_id}, {"pipeline_completed", "phase_failed"}, timeout_s=300))
+    assert kind(events[-1]) == "pipeline_completed"
+    assert log.read_text().count("\n") == 2  # killed mid-work, then redone from the uncommitted event
+    objects = output_objects(settings)
+    for phase in ("fabric_seed", "fabric_scale", "fabric_finetune"):
+        mine = [name for name in objects if name.startswith(f"outputs/{phase}/")]
+        assert len(mine) == 2, mine  # one model archive and one completion marker: exactly one output
+
+
+def test_handler_longer_than_max_poll_interval_runs_exactly_once(fabric):
+    settings, start_services, tmp = fabric
+    start_services(SEED, SCALE)
+    # A second replica would take the event over if the first were evicted.
+    start_services(FINETUNE, FINETUNE, max_poll_interval_ms=3000)
+    log = tmp / "invocations.log"
+    run_id = asyncio.run(start_run(settings, three_step_spec(log, hold_s=12.0)))
+    # Linger: a duplicate, if any, would come after an eviction and a rebalance.
+    events = asyncio.run(run_events(settings, {run_id}, {"pipeline_completed", "phase_failed"}, timeout_s=300,
+                                    linger_s=15))
+    assert [kind(e) for e in events].count("pipeline_completed") == 1
+    assert "phase_failed" not in [kind(e) for e in events]
+    assert log.read_text().count("\n") == 1
+    finetune_done = [e for e in events if kind(e) == "phase_completed" and e.phase_completed.phase == "fabric_finetune"]
+    assert len(finetune_done) == 1 and not finetune_done[0].phase_completed.reused
+
+
+def test_bad_inputs_are_dead_lettered_with_reasons_and_redrive_succeeds(fabric):
+    settings, start_services, tmp = fabric
+    topics = Topics.from_settings(settings)
+    store = S3Store.from_settings(settings)
+    checkpoint = seed_checkpoint(tmp / "ckpt", seed=4)
+    good = upload_checkpoint(store, checkpoint, "inputs/seed.tar")
+    missing = type(good)()
+    missing.CopyFrom(good)
+    missing.uri = good.uri.replace("inputs/seed.tar", "inputs/later.tar")
+    wrong_sha = type(good)()
+    wrong_sha.CopyFrom(good)
+    wrong_sha.sha256 = "e" * 64
+
+    def ready(run_id, ref, factor):
+        spec = pipeline_spec([(SCALE, {"factor": factor})])
+        return new_envelope(run_id, "test", model_ready=events_pb2.ModelReady(spec=spec, step=0, inputs=[ref]))
+
+    future = ready("run-future", good, 0.5)
+    future.schema_version = 99
+    start_services(SCALE)
+    topic = topics.phase_input("fabric_scale")
+
+    async def publish_all():
+        bus = KafkaBus(settings.kafka_bootstrap)
+        await bus.start()
+        try:
+            await bus.publish(topic, b"\x00\xffgarbage", key="run-garbage")
+            await bus.publish(topic, future.SerializeToString(), key="run-future")
+            for run_id, ref, factor in [("run-missing", missing, 0.25), ("run-sha", wrong_sha, 0.5), ("run-good", good, 0.5)]:
+                await publish_envelope(bus, topic, ready(run_id, ref, factor), [])
+        finally:
+            await bus.stop()
+
+    asyncio.run(publish_all())
+    events = asyncio.run(run_events(settings, {"run-missing", "run-sha", "run-good"},
+                                    {"pipeline_completed", "phase_failed"}, timeout_s=300))
+    outcome = {e.run_id: kind(e) for e in events if kind(e) in ("pipeline_completed", "phase_failed")}
+    assert outcome == {"run-missing": "phase_failed", "run-sha": "phase_failed", "run-good": "pipeline_completed"}
+
+    letters = asyncio.run(list_dead_letters(KafkaBus(settings.kafka_bootstrap), topics, idle_s=8))
+    assert sorted(letter.reason for letter in letters) == sorted([
+        FailureReason.UNDECODABLE, FailureReason.UNKNOWN_SCHEMA_VERSION,
+        FailureReason.MISSING_CHECKPOINT, FailureReason.SHA256_MISMATCH,
+    ])
+    assert all(letter.original_topic == topic and letter.original_offset >= 0 for letter in letters)
+
+    with tempfile.TemporaryDirectory() as scratch:  # fix the cause: the missing checkpoint arrives
+        tar_path = Path(scratch) / "c.tar"
+        store.put_file("inputs/later.tar", tar_path, pack_checkpoint(checkpoint, tar_path))
+
+    async def redrive():
+        bus = KafkaBus(settings.kafka_bootstrap)
+        await bus.start()
+        try:
+            return await redrive_dead_letters(bus, topics, idle_s=8)
+        finally:
+            await bus.stop()
+
+    assert len(asyncio.run(redrive())) == 4
+    events = asyncio.run(run_events(settings, {"run-missing"}, {"pipeline_completed"}, timeout_s=120))
+    assert kind(events[-1]) == "pipeline_completed"
