@@ -74,8 +74,9 @@ async def run_embedded_async(
     on_event: Callable[[Envelope], None] | None = None,
     tracer_provider: TracerProvider | None = None,
     retry: RetryPolicy = RetryPolicy(),
+    bus: InMemoryBus | None = None,
 ) -> RunResult:
-    bus = InMemoryBus()
+    bus = bus or InMemoryBus()  # pass one to inspect every topic afterwards (benchmarks, tests)
     workers = {}
     for step in spec.steps:
         name = phase_name(step.phase)
