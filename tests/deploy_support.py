@@ -34,6 +34,8 @@ K8S = REPO / "k8s"
 
 KEDA_MODULE, KEDA_VERSION = "github.com/kedacore/keda/v2", "v2.21.0"
 COMPOSE_GO_MODULE, COMPOSE_GO_VERSION = "github.com/compose-spec/compose-go/v2", "v2.16.2"
+# Where kubectl is missing: the kustomize that kubectl 1.32 embeds, built once (about 2 minutes on 2 cores).
+KUSTOMIZE_PACKAGE, KUSTOMIZE_VERSION = "sigs.k8s.io/kustomize/kustomize/v5", "v5.5.0"
 
 # The only settings whose value may say 0.0.0.0: what a server inside a container binds (a container must listen on
 # its own interfaces to be reachable). Everywhere else, and in every default, servers bind loopback.
@@ -47,8 +49,8 @@ ALL_INTERFACES = "0.0.0.0"
 LONGEST_PHASE_HANDLER_S = 900
 
 
-class SchemaUnavailable(RuntimeError):
-    """An upstream schema could not be fetched (no Go toolchain or no route to the module proxy)."""
+class Unobtainable(RuntimeError):
+    """An upstream schema or tool could not be had (no Go toolchain, or no route to the module proxy)."""
 
 
 T = TypeVar("T")
@@ -58,7 +60,7 @@ def fetched_or_skip(fetch: Callable[[], T], what: str) -> T:
     """For fixtures: what `fetch` returns, or a skip that says why it could not be had."""
     try:
         return fetch()
-    except SchemaUnavailable as reason:
+    except Unobtainable as reason:
         pytest.skip(f"{what} is not obtainable: {reason}")
 
 
@@ -145,22 +147,23 @@ def parse_quantity(value: str | int | float) -> Decimal:
 # --- upstream schemas, through the Go module proxy -------------------------------------------------------------
 
 
-def go_module_dir(module: str, version: str) -> Path:
-    """The source folder of a Go module, downloaded once through the Go module proxy into the cache."""
+def run_go(args: list[str], **env: str) -> str:
+    """A `go` command outside any module (no go.mod is read or written), with the module cache under ours."""
     go = shutil.which("go")
     if go is None:
-        raise SchemaUnavailable(f"no `go` on PATH to download {module}@{version} through the Go module proxy")
-    env = {**os.environ, "GOMODCACHE": str(Settings().cache_dir / "gomod"), "GOTOOLCHAIN": "local"}
-    # Outside any module, so no go.mod is read or written.
+        raise Unobtainable(f"no `go` on PATH for `go {' '.join(args)}` (through the Go module proxy)")
+    env = {**os.environ, "GOMODCACHE": str(Settings().cache_dir / "gomod"), "GOTOOLCHAIN": "local", **env}
     with tempfile.TemporaryDirectory() as scratch:
-        result = subprocess.run(
-            [go, "mod", "download", "-json", f"{module}@{version}"],
-            cwd=scratch, env=env, capture_output=True, text=True, timeout=600,
-        )
+        result = subprocess.run([go, *args], cwd=scratch, env=env, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         detail = (result.stdout + result.stderr).strip().splitlines()[-1:] or ["no output"]
-        raise SchemaUnavailable(f"`go mod download {module}@{version}` failed: {detail[0]}")
-    return Path(json.loads(result.stdout)["Dir"])
+        raise Unobtainable(f"`go {' '.join(args)}` failed: {detail[0]}")
+    return result.stdout
+
+
+def go_module_dir(module: str, version: str) -> Path:
+    """The source folder of a Go module, downloaded once through the Go module proxy into the cache."""
+    return Path(json.loads(run_go(["mod", "download", "-json", f"{module}@{version}"]))["Dir"])
 
 
 def _closed(schema: Any) -> Any:
@@ -190,7 +193,7 @@ def keda_scaledobject_schema(api_version: str = "v1alpha1") -> dict[str, Any]:
     for version in crd["spec"]["versions"]:
         if version["name"] == api_version:
             return _closed(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
-    raise SchemaUnavailable(f"KEDA {KEDA_VERSION}'s ScaledObject CRD has no version {api_version}")
+    raise Unobtainable(f"KEDA {KEDA_VERSION}'s ScaledObject CRD has no version {api_version}")
 
 
 # `keda:"name=lagThreshold,order=triggerMetadata,default=10"` struct tags declare each scaler's parameters.
@@ -215,7 +218,7 @@ def keda_kafka_trigger_parameters() -> dict[str, tuple[str, ...]]:
         if "resolvedEnv" in orders:
             parameters[f"{name}FromEnv"] = ()
     if "lagThreshold" not in parameters:
-        raise SchemaUnavailable(f"could not read the kafka scaler's parameters from KEDA {KEDA_VERSION}")
+        raise Unobtainable(f"could not read the kafka scaler's parameters from KEDA {KEDA_VERSION}")
     return parameters
 
 
@@ -231,16 +234,25 @@ class RenderError(RuntimeError):
     pass
 
 
-def kubectl() -> str | None:
-    return shutil.which("kubectl")
+def kustomize_command() -> list[str]:
+    """`kubectl kustomize`, or where kubectl is missing `kustomize build`, built once through the Go module proxy."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is not None:
+        return [kubectl, "kustomize"]
+    binary = Settings().cache_dir / "tools" / f"kustomize-{KUSTOMIZE_VERSION}"
+    if not binary.exists():
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        # Built aside and moved in whole, so a build cut short never leaves a broken binary behind.
+        with tempfile.TemporaryDirectory(dir=binary.parent) as gobin:
+            run_go(["install", f"{KUSTOMIZE_PACKAGE}@{KUSTOMIZE_VERSION}"], GOBIN=gobin, GOFLAGS="-buildvcs=false")
+            (Path(gobin) / "kustomize").rename(binary)
+    return [str(binary), "build"]
 
 
 def render(kustomization_dir: Path) -> list[dict[str, Any]]:
-    """`kubectl kustomize DIR` (offline, no cluster), parsed."""
-    binary = kubectl()
-    if binary is None:
-        raise RenderError("kubectl is not on PATH (Debian: apt-get install kubectl)")
-    result = subprocess.run([binary, "kustomize", str(kustomization_dir)], capture_output=True, text=True, timeout=120)
+    """The kustomization rendered offline (no cluster), parsed; RenderError says why it cannot be."""
+    command = [*kustomize_command(), str(kustomization_dir)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     if result.returncode != 0:
-        raise RenderError(f"kubectl kustomize {kustomization_dir} failed: {result.stderr.strip()}")
+        raise RenderError(f"`{' '.join(command)}` failed: {result.stderr.strip()}")
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]

@@ -29,7 +29,7 @@ from tests.deploy_support import (
     fetched_or_skip,
     keda_kafka_trigger_parameters,
     keda_scaledobject_schema,
-    kubectl,
+    kustomize_command,
     parse_quantity,
     registered_phases,
     render,
@@ -315,9 +315,12 @@ def scaledobject_schema() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
-def rendered() -> dict[str, Resources]:
-    if kubectl() is None:
-        pytest.skip("kubectl is not on PATH (Debian: apt-get install kubectl); it renders the kustomizations")
+def renderer() -> list[str]:
+    return fetched_or_skip(kustomize_command, "a kustomize (kubectl, or one built through the Go module proxy)")
+
+
+@pytest.fixture(scope="session")
+def rendered(renderer) -> dict[str, Resources]:
     return {name: render(K8S / path) for name, path in
             (("base", "base"), ("dev", "overlays/dev"), ("gpu", "overlays/gpu"))}
 
@@ -447,9 +450,7 @@ def test_parameter_checks_refuse_what_keda_would_ignore(rendered, kafka_paramete
     assert problems and any(expected in p for p in problems), problems
 
 
-def test_a_phase_file_that_drifts_from_the_runtime_is_caught_after_rendering(tmp_path):
-    if kubectl() is None:
-        pytest.skip("kubectl is not on PATH (Debian: apt-get install kubectl)")
+def test_a_phase_file_that_drifts_from_the_runtime_is_caught_after_rendering(tmp_path, renderer):
     shutil.copytree(K8S, tmp_path / "k8s")
     phase_file = tmp_path / "k8s" / "base" / "phases" / "evomerge" / "kustomization.yaml"
     phase_file.write_text(phase_file.read_text().replace("value: agentforge-evomerge", "value: agentforge-merge"))
@@ -457,9 +458,7 @@ def test_a_phase_file_that_drifts_from_the_runtime_is_caught_after_rendering(tmp
     assert any("consumerGroup" in p and "agentforge-evomerge" in p for p in problems), problems
 
 
-def test_a_kustomization_that_cannot_render_is_an_error(tmp_path):
-    if kubectl() is None:
-        pytest.skip("kubectl is not on PATH (Debian: apt-get install kubectl)")
+def test_a_kustomization_that_cannot_render_is_an_error(tmp_path, renderer):
     shutil.copytree(K8S, tmp_path / "k8s")
     (tmp_path / "k8s" / "overlays" / "dev" / "dev-s3-credentials.env").unlink()
     with pytest.raises(RenderError, match="dev-s3-credentials.env"):
