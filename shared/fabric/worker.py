@@ -83,7 +83,7 @@ class PhaseWorker:
         work_dir: Path | None = None,
         progress_interval_s: float = 1.0,
     ) -> None:
-        self.phase = load_phase(phase_spec)
+        self.phase_spec, self.phase = phase_spec, load_phase(phase_spec)
         self.name = self.phase.name
         self.source = f"agentforge-{self.name}"
         self.bus, self.store, self.topics, self.retry = bus, store, topics, retry
@@ -145,8 +145,9 @@ class PhaseWorker:
         ready = envelope.model_ready
         if ready.step >= len(ready.spec.steps):
             raise BadEvent(FailureReason.WRONG_EVENT, f"step {ready.step} is past the spec's {len(ready.spec.steps)} steps")
+        step_phase = ready.spec.steps[ready.step].phase
         try:
-            target = phase_name(ready.spec.steps[ready.step].phase)
+            target = self.name if step_phase == self.phase_spec else phase_name(step_phase)
         except (LookupError, TypeError) as error:
             raise BadEvent(FailureReason.WRONG_EVENT, str(error)) from error
         if target != self.name:
