@@ -7,8 +7,10 @@ loopback), and 0.0.0.0 appears only where a container binds. Broken copies must 
 """
 from __future__ import annotations
 
+import asyncio
 import copy
 import re
+import sys
 import shlex
 import subprocess
 from collections.abc import Callable
@@ -19,6 +21,7 @@ import jsonschema
 import pytest
 import yaml
 
+from shared.fabric.health import start_health_server
 from shared.fabric.kafka_bus import DEFAULT_PARTITIONS
 from tests.deploy_support import (
     BIND_ADDRESS_VARIABLES,
@@ -248,6 +251,28 @@ def test_compose_runs_the_servers_and_every_phase(compose):
     assert served == registered_phases()
     assert services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft, no ZooKeeper
     assert services["jaeger"]["image"].startswith("jaegertracing/jaeger:2.")
+
+
+@pytest.mark.asyncio
+async def test_service_healthcheck_follows_the_real_health_endpoint(compose):
+    """The compose healthcheck, run against shared/fabric/health.py: unhealthy while starting, healthy when ready."""
+    test = compose["services"]["cognate"]["healthcheck"]["test"]
+    assert test[:2] == ["CMD", "python"], "the image has python, not curl"
+    ready = asyncio.Event()
+    runner = await start_health_server("127.0.0.1:0", ready)
+    try:
+        port = runner.addresses[0][1]
+        check = [sys.executable, *(part.replace(":8080/", f":{port}/") for part in test[2:])]
+
+        async def exit_code() -> int:
+            process = await asyncio.create_subprocess_exec(*check, stderr=asyncio.subprocess.DEVNULL)
+            return await process.wait()
+
+        assert await exit_code() != 0
+        ready.set()
+        assert await exit_code() == 0
+    finally:
+        await runner.cleanup()
 
 
 def test_s3_credentials_file_is_ignored_and_only_its_example_is_committed():
