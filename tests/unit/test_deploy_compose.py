@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import re
-import sys
 import shlex
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -152,7 +152,8 @@ def compose_problems(compose: Compose, root: Path) -> list[str]:
                 not services[target].get("healthcheck") or services[target]["healthcheck"].get("disable")
             ):
                 problems.append(f"{name}: waits for {target} to be healthy, but {target} has no healthcheck")
-            elif condition == "service_completed_successfully" and services[target].get("restart") not in ONE_SHOT_RESTARTS:
+            elif (condition == "service_completed_successfully"
+                  and services[target].get("restart") not in ONE_SHOT_RESTARTS):
                 problems.append(f"{name}: waits for {target} to complete, but {target} restarts when it exits")
 
         variables = dict(environment(service))
@@ -314,10 +315,12 @@ def test_list_form_environments_are_read_like_mappings(compose):
 
 BREAKS: dict[str, tuple[Callable[[Compose], None], str]] = {
     "dependency that does not exist": (
-        lambda c: service(c, "bitnet").update(depends_on={"kafka-setup": {"condition": "service_completed_successfully"}}),
+        lambda c: service(c, "bitnet").update(depends_on={"kafka-setup": {"condition": "service_started"}}),
         "'kafka-setup', which is not a service"),
-    "waits for health that is never checked": (lambda c: service(c, "jaeger").pop("healthcheck"), "has no healthcheck"),
-    "waits for a job that restarts": (lambda c: service(c, "kafka-init").update(restart="always"), "restarts when it exits"),
+    "waits for health that is never checked": (lambda c: service(c, "jaeger").pop("healthcheck"),
+                                               "has no healthcheck"),
+    "waits for a job that restarts": (lambda c: service(c, "kafka-init").update(restart="always"),
+                                      "restarts when it exits"),
     "unknown setting": (lambda c: own_environment(c, "control").update(AGENTFORGE_GRPC_PORT="50051"),
                         "AGENTFORGE_GRPC_PORT"),
     "unregistered phase": (lambda c: service(c, "evomerge").update(command=["serve", "evo-merge"]), "'evo-merge'"),
@@ -340,8 +343,8 @@ BREAKS: dict[str, tuple[Callable[[Compose], None], str]] = {
                                             "PARTITIONS"),
     "phase stopped before its handler ends": (lambda c: service(c, "cognate").update(stop_grace_period="10s"),
                                               "stop_grace_period"),
-    "healthcheck on the wrong port": (lambda c: own_environment(c, "bitnet").update(AGENTFORGE_HEALTH_ADDR="0.0.0.0:9090"),
-                                      "healthcheck"),
+    "healthcheck on the wrong port": (
+        lambda c: own_environment(c, "bitnet").update(AGENTFORGE_HEALTH_ADDR="0.0.0.0:9090"), "healthcheck"),
 }
 
 

@@ -19,7 +19,6 @@ from kubernetes_validate.utils import SchemaNotFoundError, latest_version
 from packaging.version import Version
 
 from shared.fabric.kafka_bus import DEFAULT_PARTITIONS
-
 from tests.deploy_support import (
     BIND_ADDRESS_VARIABLES,
     K8S,
@@ -239,7 +238,8 @@ def manifest_problems(resources: Resources, gpu_expected: bool) -> list[str]:
             continue
         phases[phase] = deployment["metadata"]["name"]
         if phase not in registered_phases():
-            problems.append(f"{deployment['metadata']['name']}: serves {phase!r}, not a phase in pyproject's entry points")
+            problems.append(f"{deployment['metadata']['name']}: serves {phase!r}, "
+                            f"not a phase in pyproject's entry points")
         if pod_spec(deployment).get("terminationGracePeriodSeconds", 30) <= LONGEST_PHASE_HANDLER_S:
             problems.append(f"{deployment['metadata']['name']}: terminationGracePeriodSeconds must exceed the "
                             f"longest phase handler ({LONGEST_PHASE_HANDLER_S} s)")
