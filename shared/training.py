@@ -1,0 +1,224 @@
+"""The one causal-LM training loop the phases share: packed rows, a data mix, AdamW, warmup + cosine.
+
+Data arrives as named sources of token rows (lists of ids, each at most seq_len long, made by
+`pack_rows`) and a mix that weights the sources. Every batch row is drawn from a source chosen by weight,
+so a specialist is "the same loop on a different mix". Batches are right-padded; the loss predicts token
+t+1 from tokens <= t and counts real tokens only (padding never contributes, and no position predicts
+across the end of a row). The same seed, data and config give the same weights: batch sampling uses its
+own seeded generator and torch runs on a fixed number of threads.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+from shared.phase import ProgressFn, no_progress
+
+Row = list[int]
+
+
+class TrainingConfig(BaseModel):
+    """Hyperparameters of one run. Defaults suit the `tiny` preset on 2 CPU cores."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(3e-3, gt=0)  # peak; small models tolerate large rates
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to this fraction of the peak
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.1, ge=0)  # on matrices only, not on norms (nanoGPT's split)
+    grad_clip: float = Field(1.0, gt=0)
+    eval_every: int = Field(50, ge=1)  # steps between held-out evaluations (and one at the end)
+    seed: int = 0
+    threads: int = Field(2, ge=1)  # torch intra-op threads; fixed so results repeat
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainingConfig:
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be fewer than steps ({self.steps})")
+        return self
+
+
+@dataclass
+class TrainingCurve:
+    """What a run measured: train loss at every step, held-out loss per source at every evaluation."""
+
+    train_loss: list[float] = field(default_factory=list)  # mean nats per predicted token, per step
+    eval_steps: list[int] = field(default_factory=list)
+    eval_loss: dict[str, list[float]] = field(default_factory=dict)  # source -> loss at each eval step
+    tokens: int = 0  # tokens predicted (real, non-pad targets) over the whole run
+    seconds: float = 0.0  # wall time of the run, evaluations included
+    train_seconds: float = 0.0  # wall time of the optimisation steps alone
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.train_seconds if self.train_seconds else 0.0
+
+    def as_report(self) -> dict:
+        return {
+            "train_loss": [round(x, 4) for x in self.train_loss],
+            "eval_steps": self.eval_steps,
+            "eval_loss": {k: [round(x, 4) for x in v] for k, v in self.eval_loss.items()},
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 2),
+            "train_seconds": round(self.train_seconds, 2),
+            "tokens_per_second": round(self.tokens_per_second, 1),
+        }
+
+
+# --- data: texts to rows, rows to batches -------------------------------------------------------------
+
+
+def pack_rows(token_lists: Iterable[Sequence[int]], seq_len: int, eos_id: int) -> list[Row]:
+    """Append end-of-text to each document, cut documents longer than seq_len into pieces, and fill rows
+    greedily with whole pieces (short examples share a row, separated by end-of-text; a piece never
+    straddles two rows). Fewer pad tokens than one example per row, and every row is at most seq_len."""
+    rows: list[Row] = []
+    current: Row = []
+    for ids in token_lists:
+        document = [*ids, eos_id]
+        for start in range(0, len(document), seq_len):
+            piece = document[start : start + seq_len]
+            if len(current) + len(piece) > seq_len:
+                rows.append(current)
+                current = []
+            current.extend(piece)
+    if current:
+        rows.append(current)
+    return rows
+
+
+def encode_texts(tokenizer, texts: Iterable[str], seq_len: int) -> list[Row]:
+    """Tokenise texts (no special tokens added by the tokenizer) and pack them into rows."""
+    token_lists = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return pack_rows(token_lists, seq_len, tokenizer.eos_token_id)
+
+
+def collate(rows: Sequence[Row], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad rows into (input_ids, attention_mask), both (batch, longest row)."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, : len(row)] = 1
+    return input_ids, attention_mask
+
+
+def causal_lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(sum of next-token NLL in nats, number of predicted tokens), real tokens only."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+    # Position t predicts token t+1: drop the last position's logits and the first token's label.
+    targets = input_ids[:, 1:]
+    # A target counts only if it is a real token; its context (an earlier position) then is real too.
+    counted = attention_mask[:, 1:].bool()
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
+    return nll[counted.flatten()].sum(), int(counted.sum())
+
+
+@torch.no_grad()
+def mean_loss(model, rows: Sequence[Row], pad_id: int, batch_size: int = 32) -> float:
+    """Mean next-token NLL (nats) over every real token of rows."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        loss_sum, n = causal_lm_loss(model, *collate(rows[start : start + batch_size], pad_id))
+        total, count = total + float(loss_sum), count + n
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("no tokens to evaluate: every row is empty or a single token")
+    return total / count
+
+
+# --- the loop -----------------------------------------------------------------------------------------
+
+
+def _optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.optim.AdamW:
+    matrices = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    vectors = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": matrices, "weight_decay": config.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(0.9, 0.95), eps=1e-8)
+
+
+def _check_sources(sources: Mapping[str, Sequence[Row]], mix: Mapping[str, float]) -> list[str]:
+    names = [name for name, weight in mix.items() if weight > 0]
+    if not names:
+        raise ValueError("the data mix needs at least one source with a positive weight")
+    for name in names:
+        if name not in sources:
+            raise ValueError(f"the mix names source {name!r}, which is not among {sorted(sources)}")
+        if not sources[name]:
+            raise ValueError(f"source {name!r} has no rows")
+    if any(weight < 0 for weight in mix.values()):
+        raise ValueError(f"mix weights must be >= 0, got {dict(mix)}")
+    return names
+
+
+def train_causal_lm(
+    model: torch.nn.Module,
+    sources: Mapping[str, Sequence[Row]],
+    mix: Mapping[str, float],
+    config: TrainingConfig,
+    *,
+    pad_id: int,
+    eval_sets: Mapping[str, Sequence[Row]] | None = None,
+    progress: ProgressFn = no_progress,
+) -> TrainingCurve:
+    """Train `model` in place for config.steps steps; returns the measured curve."""
+    names = _check_sources(sources, mix)
+    weights = torch.tensor([float(mix[name]) for name in names])
+    eval_sets = dict(eval_sets or {})
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)  # dropout-free model, but any stochastic layer draws from here
+    sampler = torch.Generator().manual_seed(config.seed)  # batch composition, independent of the model
+
+    optimizer = _optimizer(model, config)
+    schedule = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, config.warmup_steps, config.steps, min_lr_rate=config.min_lr_ratio
+    )
+    curve = TrainingCurve(eval_loss={name: [] for name in eval_sets})
+
+    def evaluate(step: int) -> None:
+        curve.eval_steps.append(step)
+        for name, rows in eval_sets.items():
+            curve.eval_loss[name].append(mean_loss(model, rows, pad_id))
+
+    model.train()
+    started = time.perf_counter()
+    for step in range(config.steps):
+        if step % config.eval_every == 0 and eval_sets:
+            evaluate(step)
+        step_started = time.perf_counter()
+        source_ids = torch.multinomial(weights, config.batch_size, replacement=True, generator=sampler)
+        rows = []
+        for source_id in source_ids.tolist():
+            pool = sources[names[source_id]]
+            rows.append(pool[int(torch.randint(len(pool), (1,), generator=sampler))])
+        input_ids, attention_mask = collate(rows, pad_id)
+        loss_sum, count = causal_lm_loss(model, input_ids, attention_mask)
+        loss = loss_sum / count
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower the learning rate")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        schedule.step()
+        curve.train_loss.append(loss.item())
+        curve.tokens += count
+        curve.train_seconds += time.perf_counter() - step_started
+        progress((step + 1) / config.steps, f"step {step + 1}/{config.steps} loss {loss.item():.3f}")
+    if eval_sets:
+        evaluate(config.steps)
+    curve.seconds = time.perf_counter() - started
+    model.eval()
+    return curve
