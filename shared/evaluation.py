@@ -1,0 +1,294 @@
+"""Score a causal language model the way lm-evaluation-harness does, on our text and task suites.
+
+- bits_per_byte: lm-eval's loglikelihood_rolling (the wikitext task): each document is cut into disjoint
+  windows of max_length predicted tokens, the first conditioned on a single prefix token (BOS, else EOS),
+  the others on the tokens just before them; bits per byte, byte and word perplexity from the summed
+  log-likelihood. Token perplexity is not reported: it does not compare across tokenizers.
+- exact_match: greedy generation from the prompt, the answer extracted up to the terminator, compared
+  exactly; never a teacher-forced proxy.
+- multiple_choice: acc = argmax of the summed log-probability of " " + choice, acc_norm divides that by
+  the choice's length in characters.
+Accuracies carry a 95% Wilson interval. Everything runs under torch.no_grad in eval mode.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from shared.data.tasks import ANSWER_DELIMITER, TERMINATOR, Example, check_task, extract_answer, make_examples
+from shared.data.text import english_documents
+
+Z_95 = 1.959963984540054
+# lm-eval's fallback when neither the model config nor the tokenizer states a context length.
+DEFAULT_MAX_LENGTH = 2048
+# A tokenizer's model_max_length at or above this means "not set" (transformers' VERY_LARGE_INTEGER).
+UNSET_MODEL_MAX_LENGTH = int(1e29)
+
+Request = tuple[list[int], list[int]]  # (context tokens, continuation tokens)
+
+
+def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    if successes in (0, n):  # the closed form's exact bound, free of rounding
+        bound = n / (n + z * z)
+        return (0.0, 1 - bound) if successes == 0 else (bound, 1.0)
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _accuracy(name: str, correct: int, n: int) -> dict[str, float | int]:
+    low, high = wilson_interval(correct, n)
+    return {name: correct / n if n else 0.0, f"{name}_ci_low": low, f"{name}_ci_high": high}
+
+
+@contextlib.contextmanager
+def _evaluating(model) -> Iterator[torch.device]:
+    """Eval mode and no gradients for the duration; the model's training flag is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield next(model.parameters()).device
+    finally:
+        model.train(was_training)
+
+
+def _continuation_logprobs(model, requests: Sequence[Request], batch_size: int) -> list[float]:
+    """Summed log P(continuation | context) per request, as lm-eval's _loglikelihood_tokens computes it:
+    the model reads (context + continuation)[:-1] and the last len(continuation) positions are scored."""
+    results = [0.0] * len(requests)
+    # Longest first so a batch pads little; right padding cannot change earlier positions of a causal model.
+    order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
+    with _evaluating(model) as device:
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            inputs = [(requests[i][0] + requests[i][1])[:-1] for i in batch]
+            width = max(map(len, inputs))
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            mask = torch.zeros(len(batch), width, dtype=torch.long)
+            for row, tokens in enumerate(inputs):
+                ids[row, : len(tokens)] = torch.tensor(tokens)
+                mask[row, : len(tokens)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (batch, width, vocab)
+            for row, i in enumerate(batch):
+                continuation = requests[i][1]
+                end = len(inputs[row])
+                logprobs = torch.log_softmax(logits[row, end - len(continuation) : end].double(), dim=-1)
+                target = torch.tensor(continuation, device=logprobs.device)
+                results[i] = logprobs.gather(-1, target[:, None]).sum().item()
+    return results
+
+
+# --- bits per byte -----------------------------------------------------------------------------------
+
+
+def rolling_windows(tokens: list[int], prefix_token: int, max_length: int) -> list[Request]:
+    """Disjoint prediction windows covering every token once; the same pairs as lm-eval's
+    make_disjoint_window(get_rolling_token_windows(tokens, prefix_token, max_length, context_len=1)).
+
+    Each window predicts up to max_length tokens and the model reads exactly max_length tokens (fewer
+    only for a document shorter than that): the first window is [prefix] + tokens[:L-1] predicting
+    tokens[:L]; later ones predict tokens[start:end] after the one token before (the last window gets
+    more context so its input still fills max_length).
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    if not tokens:
+        return []
+    windows: list[Request] = [([prefix_token], tokens[:max_length])]
+    start = len(windows[0][1])
+    while start < len(tokens):
+        end = min(start + max_length, len(tokens))
+        windows.append((tokens[end - max_length - 1 : start], tokens[start:end]))
+        start = end
+    return windows
+
+
+def resolve_max_length(model, tokenizer) -> int:
+    """The model's context length, looked up as lm-eval's HFLM does."""
+    for attribute in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(model.config, attribute, None)
+        if value is not None:
+            return int(value)
+    stated = getattr(tokenizer, "model_max_length", None)
+    if stated is not None and stated < UNSET_MODEL_MAX_LENGTH:
+        return int(stated)
+    return DEFAULT_MAX_LENGTH
+
+
+def prefix_token_id(tokenizer) -> int:
+    token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if token is None:
+        raise ValueError("the tokenizer has neither a BOS nor an EOS token to condition the first token on")
+    return token
+
+
+def bits_per_byte(
+    model, tokenizer, documents: Sequence[str], max_length: int | None = None, batch_size: int = 8
+) -> dict[str, float | int]:
+    """Rolling log-likelihood of the documents, reported per byte and per word as lm-eval's wikitext task.
+
+    Documents are tokenized without special tokens (the prefix token is the only one added). lm-eval
+    uses the tokenizer's default there, which for tokenizers that add a BOS themselves scores a second
+    BOS; our figure equals lm-eval's with add_bos_token=False.
+    """
+    if not documents:
+        raise ValueError("bits_per_byte needs at least one document")
+    max_length = max_length or resolve_max_length(model, tokenizer)
+    prefix = prefix_token_id(tokenizer)
+    requests: list[Request] = []
+    for document in documents:
+        tokens = tokenizer(document, add_special_tokens=False)["input_ids"]
+        requests.extend(rolling_windows(tokens, prefix, max_length))
+    loglikelihood = math.fsum(_continuation_logprobs(model, requests, batch_size))
+    n_bytes = sum(len(document.encode("utf-8")) for document in documents)
+    # lm-eval's wikitext word count, empty strings from leading/trailing whitespace included.
+    n_words = sum(len(re.split(r"\s+", document)) for document in documents)
+    return {
+        "bits_per_byte": -loglikelihood / n_bytes / math.log(2),
+        "byte_perplexity": math.exp(-loglikelihood / n_bytes),
+        "word_perplexity": math.exp(-loglikelihood / n_words),
+        "loglikelihood": loglikelihood,
+        "n_bytes": n_bytes,
+        "n_words": n_words,
+        "n_tokens": sum(len(continuation) for _, continuation in requests),
+        "n_documents": len(documents),
+        "max_length": max_length,
+    }
+
+
+# --- generative tasks: exact match -----------------------------------------------------------------
+
+
+def greedy_continuations(
+    model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16
+) -> list[str]:
+    """Greedy continuation of each prompt (left-padded batches), stopped at TERMINATOR or EOS."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix_token_id(tokenizer)
+    outputs: list[str] = []
+    with _evaluating(model) as device:
+        for start in range(0, len(prompts), batch_size):
+            encoded = [tokenizer(p)["input_ids"] for p in prompts[start : start + batch_size]]
+            width = max(map(len, encoded))
+            ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+            mask = torch.zeros(len(encoded), width, dtype=torch.long)
+            for row, tokens in enumerate(encoded):
+                ids[row, width - len(tokens) :] = torch.tensor(tokens)
+                mask[row, width - len(tokens) :] = 1
+            generated = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad,
+                stop_strings=[TERMINATOR],
+                tokenizer=tokenizer,
+            )
+            outputs += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+    return outputs
+
+
+def exact_match(
+    model, tokenizer, examples: Sequence[Example], max_new_tokens: int = 32, batch_size: int = 16
+) -> dict[str, float | int]:
+    if not examples:
+        raise ValueError("exact_match needs at least one example")
+    generated = greedy_continuations(model, tokenizer, [e.prompt for e in examples], max_new_tokens, batch_size)
+    correct = sum(extract_answer(text) == e.answer for text, e in zip(generated, examples, strict=True))
+    return {**_accuracy("exact_match", correct, len(examples)), "n": len(examples)}
+
+
+# --- multiple choice ---------------------------------------------------------------------------------
+
+
+def _choice_request(tokenizer, context: str, continuation: str) -> Request:
+    """lm-eval's _encode_pair: encode the whole and split at the context's length, so the boundary
+    tokenizes as it would in running text."""
+    whole = tokenizer(context + continuation)["input_ids"]
+    context_tokens = tokenizer(context)["input_ids"]
+    return context_tokens, whole[len(context_tokens) :]
+
+
+def multiple_choice(model, tokenizer, examples: Sequence[Example], batch_size: int = 32) -> dict[str, float | int]:
+    if not examples:
+        raise ValueError("multiple_choice needs at least one example")
+    for example in examples:
+        if not example.choices or not 0 <= example.label < len(example.choices):
+            raise ValueError(f"not a multiple-choice example (choices and label): {example}")
+    requests = [
+        _choice_request(tokenizer, e.prompt, ANSWER_DELIMITER + choice) for e in examples for choice in e.choices
+    ]
+    scores = iter(_continuation_logprobs(model, requests, batch_size))
+    correct = correct_norm = 0
+    for example in examples:
+        lls = [next(scores) for _ in example.choices]
+        normalised = [ll / len(choice) for ll, choice in zip(lls, example.choices, strict=True)]
+        correct += max(range(len(lls)), key=lls.__getitem__) == example.label
+        correct_norm += max(range(len(lls)), key=normalised.__getitem__) == example.label
+    return {
+        **_accuracy("acc", correct, len(examples)),
+        **_accuracy("acc_norm", correct_norm, len(examples)),
+        "n": len(examples),
+        "chance": sum(1 / len(e.choices) for e in examples) / len(examples),
+    }
+
+
+# --- a whole evaluation ------------------------------------------------------------------------------
+
+
+class EvalSuite(BaseModel):
+    """What to measure. Search fitness uses the validation split; final reports use test."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    text_split: Literal["validation", "test"] | None = "validation"  # None: no bits per byte
+    tasks: tuple[tuple[str, int, int], ...] = (  # (suite, level, number of examples)
+        ("arithmetic", 1, 30),
+        ("sequence", 1, 50),
+        ("multiple_choice", 1, 50),
+    )
+    split: Literal["train", "validation", "test"] = "validation"
+    seed: int = 0
+    max_length: int | None = None  # rolling-window length; None: the model's context length
+    max_new_tokens: int = 32
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: tuple[tuple[str, int, int], ...]) -> tuple[tuple[str, int, int], ...]:
+        for suite, level, n in tasks:
+            check_task(suite, level, "test")
+            if n < 1:
+                raise ValueError(f"task ({suite}, {level}) needs n >= 1, got {n}")
+        return tasks
+
+
+def evaluate(model, tokenizer, suite: EvalSuite) -> dict[str, Any]:
+    """One flat, JSON-serialisable table: "text.bits_per_byte", "arithmetic.1.exact_match", ...
+    "tasks.mean_accuracy" averages each task's headline accuracy (exact_match, or acc for choices)."""
+    table: dict[str, Any] = {"eval.split": suite.split, "eval.seed": suite.seed}
+    if suite.text_split is not None:
+        text = bits_per_byte(model, tokenizer, english_documents(suite.text_split), suite.max_length)
+        table["eval.text_split"] = suite.text_split
+        table.update({f"text.{key}": value for key, value in text.items()})
+    headline = []
+    for name, level, n in suite.tasks:
+        examples = make_examples(name, level, suite.split, n, suite.seed)
+        if examples[0].choices:
+            scores = multiple_choice(model, tokenizer, examples)
+            headline.append(scores["acc"])
+        else:
+            scores = exact_match(model, tokenizer, examples, suite.max_new_tokens)
+            headline.append(scores["exact_match"])
+        table.update({f"{name}.{level}.{key}": value for key, value in scores.items()})
+    if headline:
+        table["tasks.mean_accuracy"] = sum(headline) / len(headline)
+    return table
