@@ -240,11 +240,12 @@ def make_examples(suite: str, level: int, split: str, n: int, seed: int = 0) -> 
         raise ValueError(f"n must be >= 0, got {n}")
     rng = random.Random(f"{suite}|{level}|{split}|{seed}")
     examples: dict[str, Example] = {}
-    # Enough draws to collect a small pool's every member (coupon collector) before giving up.
-    for _ in range(20_000 + 200 * n):
-        if len(examples) == n:
-            break
+    # Give up after this many draws in a row bring nothing new: if the split held n problems, the
+    # chance of missing the last one that long is below e^-50 (coupon collector over a pool >= n).
+    patience, misses = 50 * n + 1000, 0
+    while len(examples) < n and misses < patience:
         example = _draw(generator, rng, level, split)
+        misses = misses + 1 if example.prompt in examples else 0
         examples.setdefault(example.prompt, example)
     if len(examples) < n:
         raise ValueError(
@@ -268,8 +269,12 @@ def training_stream(
             raise ValueError(f"no levels given for suite {suite!r}")
         for level in levels_of[suite]:
             check_task(suite, level, split)
-    rng = random.Random(f"stream|{split}|{seed}")
-    weights = [mix[s] for s in suites]
+    return _stream(suites, [mix[s] for s in suites], levels_of, split, random.Random(f"stream|{split}|{seed}"))
+
+
+def _stream(
+    suites: list[str], weights: list[float], levels_of: dict[str, tuple[int, ...]], split: str, rng: random.Random
+) -> Iterator[Example]:
     while True:
         suite = rng.choices(suites, weights)[0]
         yield _draw(SUITES[suite][0], rng, rng.choice(levels_of[suite]), split)
