@@ -162,6 +162,15 @@ class RunArchive:
         path = self._path(run_id)
         return RunStatus.FromString(path.read_bytes()) if path.is_file() else None
 
+    def save_traceparent(self, run_id: str, traceparent: str) -> None:
+        path = self._path(run_id).with_suffix(".traceparent")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(traceparent)
+
+    def load_traceparent(self, run_id: str) -> str:
+        path = self._path(run_id).with_suffix(".traceparent")
+        return path.read_text().strip() if path.is_file() else ""
+
     def all(self) -> list[RunStatus]:
         return [RunStatus.FromString(p.read_bytes()) for p in sorted(self.folder.glob("*.binpb"))]
 
