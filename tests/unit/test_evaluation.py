@@ -1,0 +1,195 @@
+"""Evaluation on a tiny Llama: bits per byte against direct computations, exact match and multiple choice
+against unbatched reference scoring, the Wilson interval, and the EvalSuite table."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from shared.data.tasks import Example, make_examples
+from shared.data.text import english_documents
+from shared.evaluation import (
+    EvalSuite,
+    bits_per_byte,
+    evaluate,
+    exact_match,
+    greedy_continuations,
+    multiple_choice,
+    rolling_windows,
+    wilson_interval,
+)
+from shared.models import Preset, build_model
+from shared.tokenizer import train_tokenizer
+
+pytestmark = pytest.mark.unit
+
+MICRO = Preset(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, vocab_size=512, max_positions=64)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    torch.set_num_threads(1)
+    return train_tokenizer([english_documents("train")[0][:100_000]], vocab_size=512, model_max_length=64)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return build_model(MICRO, len(tokenizer), seed=0, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def direct_loglikelihood(model, context: list[int], continuation: list[int]) -> float:
+    """log P(continuation | context) from one plain forward pass, no batching or padding."""
+    ids = torch.tensor([context + continuation])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+    return sum(logprobs[len(context) - 1 + i, token].item() for i, token in enumerate(continuation))
+
+
+def test_rolling_windows_worked_example():
+    # lm-eval's disjoint windows for 7 tokens, max_length 3, prefix 99 (checked by hand against its code).
+    assert rolling_windows([1, 2, 3, 4, 5, 6, 7], 99, 3) == [
+        ([99], [1, 2, 3]),
+        ([3], [4, 5, 6]),
+        ([4, 5, 6], [7]),  # the last window reads a full max_length of context + continuation[:-1]
+    ]
+    assert rolling_windows([1, 2], 99, 3) == [([99], [1, 2])]
+    assert rolling_windows([], 99, 3) == []
+    with pytest.raises(ValueError, match="max_length"):
+        rolling_windows([1], 99, 0)
+
+
+@pytest.mark.parametrize("max_length", [1, 5, 16, 64])
+def test_windows_predict_every_token_once_reading_at_most_max_length(max_length):
+    tokens = list(range(100, 237))
+    windows = rolling_windows(tokens, 0, max_length)
+    assert [t for _, continuation in windows for t in continuation] == tokens
+    assert windows[0][0] == [0]
+    for context, continuation in windows:
+        assert len(context) + len(continuation) - 1 <= max_length
+        # Each window's context ends right before its first predicted token (or is the prefix).
+        start = tokens.index(continuation[0])
+        assert context[-1] == (tokens[start - 1] if start else 0)
+
+
+def test_bits_per_byte_of_one_window_equals_a_direct_forward_pass(model, tokenizer):
+    document = "Fair is foul, and foul is fair:\nHover through the fog and filthy air."
+    tokens = tokenizer(document, add_special_tokens=False)["input_ids"]
+    assert len(tokens) < 64
+    expected = direct_loglikelihood(model, [tokenizer.eos_token_id], tokens)
+    scores = bits_per_byte(model, tokenizer, [document])
+    assert scores["loglikelihood"] == pytest.approx(expected, rel=1e-9)
+    assert scores["bits_per_byte"] == pytest.approx(-expected / len(document.encode()) / math.log(2), rel=1e-9)
+    assert scores["n_tokens"] == len(tokens) and scores["max_length"] == 64
+
+
+def test_bits_per_byte_sums_windows_each_scored_directly(model, tokenizer):
+    document = english_documents("test")[0][:3000]
+    tokens = tokenizer(document, add_special_tokens=False)["input_ids"]
+    expected = sum(
+        direct_loglikelihood(model, context, continuation)
+        for context, continuation in rolling_windows(tokens, tokenizer.eos_token_id, 16)
+    )
+    for batch_size in (1, 5):
+        scores = bits_per_byte(model, tokenizer, [document], max_length=16, batch_size=batch_size)
+        assert scores["loglikelihood"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_uniform_model_costs_log2_vocabulary_bits_per_token(model, tokenizer):
+    uniform = build_model(MICRO, len(tokenizer), seed=1, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        uniform.model.norm.weight.zero_()  # every logit 0: each token has probability 1/V
+    documents = english_documents("validation")
+    scores = bits_per_byte(uniform, tokenizer, documents, max_length=32)
+    n_tokens = sum(len(tokenizer(d, add_special_tokens=False)["input_ids"]) for d in documents)
+    assert scores["n_tokens"] == n_tokens
+    assert scores["n_bytes"] == sum(len(d.encode("utf-8")) for d in documents)
+    assert scores["bits_per_byte"] == pytest.approx(n_tokens * math.log2(len(tokenizer)) / scores["n_bytes"], rel=1e-9)
+    assert scores["byte_perplexity"] == pytest.approx(2 ** scores["bits_per_byte"], rel=1e-9)
+
+
+def test_bytes_and_words_are_counted_as_lm_eval_counts_them(model, tokenizer):
+    scores = bits_per_byte(model, tokenizer, [" café au lait ", "x"])
+    assert scores["n_bytes"] == 15 + 1  # é is two bytes in UTF-8
+    assert scores["n_words"] == 5 + 1  # re.split(r"\s+") keeps the empty ends
+    assert scores["word_perplexity"] == pytest.approx(math.exp(-scores["loglikelihood"] / 6))
+    with pytest.raises(ValueError, match="at least one document"):
+        bits_per_byte(model, tokenizer, [])
+
+
+def test_batched_greedy_generation_equals_one_prompt_at_a_time(model, tokenizer):
+    examples = make_examples("arithmetic", 2, "validation", 6) + make_examples("word_problems", 1, "validation", 3)
+    prompts = [e.prompt for e in examples]
+    batched = greedy_continuations(model, tokenizer, prompts, max_new_tokens=8, batch_size=4)
+    alone = [greedy_continuations(model, tokenizer, [p], max_new_tokens=8)[0] for p in prompts]
+    assert batched == alone
+    assert any(batched)  # the micro model writes something, even if it is wrong
+
+
+def test_exact_match_counts_extracted_answers(model, tokenizer):
+    examples = make_examples("sequence", 1, "validation", 8)
+    generated = greedy_continuations(model, tokenizer, [e.prompt for e in examples], max_new_tokens=8)
+    # Make half the examples' answers equal to what the model really says.
+    rigged = [
+        Example(e.suite, e.level, e.prompt, text.split("\n")[0].strip() if i % 2 else e.answer)
+        for i, (e, text) in enumerate(zip(examples, generated))
+    ]
+    scores = exact_match(model, tokenizer, rigged, max_new_tokens=8)
+    expected = sum(text.split("\n")[0].strip() == e.answer for e, text in zip(rigged, generated))
+    assert scores["n"] == 8 and scores["exact_match"] == expected / 8 >= 0.5
+    assert scores["exact_match_ci_low"] < scores["exact_match"] < scores["exact_match_ci_high"]
+
+
+def test_multiple_choice_picks_the_choice_a_direct_computation_prefers(model, tokenizer):
+    examples = make_examples("multiple_choice", 2, "validation", 12)
+    correct = correct_norm = 0
+    for example in examples:
+        context = tokenizer(example.prompt)["input_ids"]
+        lls = []
+        for choice in example.choices:
+            whole = tokenizer(example.prompt + " " + choice)["input_ids"]
+            assert whole[: len(context)] == context
+            lls.append(direct_loglikelihood(model, context, whole[len(context) :]))
+        correct += lls.index(max(lls)) == example.label
+        normalised = [ll / len(c) for ll, c in zip(lls, example.choices)]
+        correct_norm += normalised.index(max(normalised)) == example.label
+    scores = multiple_choice(model, tokenizer, examples, batch_size=5)
+    assert scores["acc"] == correct / 12 and scores["acc_norm"] == correct_norm / 12
+    assert scores["chance"] == 0.25 and scores["n"] == 12
+    with pytest.raises(ValueError, match="not a multiple-choice example"):
+        multiple_choice(model, tokenizer, make_examples("arithmetic", 1, "test", 1))
+
+
+def test_wilson_interval_known_values():
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_evaluate_gives_one_flat_deterministic_json_table(model, tokenizer):
+    suite = EvalSuite(
+        text_split="test", max_length=32, max_new_tokens=8,
+        tasks=(("arithmetic", 1, 6), ("multiple_choice", 1, 8)),
+    )
+    table = evaluate(model, tokenizer, suite)
+    assert json.loads(json.dumps(table)) == table
+    assert all(not isinstance(value, (dict, list)) for value in table.values())
+    assert table["text.bits_per_byte"] > 0 and table["text.n_documents"] == 2
+    assert table["arithmetic.1.n"] == 6 and table["multiple_choice.1.n"] == 8
+    assert table["tasks.mean_accuracy"] == pytest.approx((table["arithmetic.1.exact_match"] + table["multiple_choice.1.acc"]) / 2)
+    assert evaluate(model, tokenizer, suite) == table
+    model.train()  # evaluation switches to eval mode and restores the caller's mode
+    evaluate(model, tokenizer, suite.model_copy(update={"text_split": None}))
+    assert model.training
+    model.eval()
+
+
+def test_eval_suite_rejects_unknown_tasks_and_keys():
+    with pytest.raises(ValueError, match="unknown suite 'poetry'"):
+        EvalSuite(tasks=(("poetry", 1, 5),))
+    with pytest.raises(ValueError, match="n >= 1"):
+        EvalSuite(tasks=(("arithmetic", 1, 0),))
+    with pytest.raises(ValueError, match="extra"):
+        EvalSuite(texts="test")
