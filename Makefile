@@ -22,9 +22,11 @@ venv: $(BIN)/agentforge
 run: venv
 	$(BIN)/agentforge run
 
-## Install and start the real Kafka, S3 server and Jaeger (cached), then run every test.
+## Install the real Kafka, S3 server and Jaeger (cached), then run every test; the session starts the servers.
+## A server that cannot be installed fails `infra install` loudly, but the tests still run and those that
+## need it skip, naming the reason.
 test: venv
-	$(BIN)/agentforge infra install
+	-$(BIN)/agentforge infra install
 	$(BIN)/python -m pytest
 
 test-unit: venv

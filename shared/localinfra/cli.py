@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from shared.localinfra.stack import LocalStack, ServerFailed
+from shared.localinfra.stack import LocalStack
 
 infra_app = typer.Typer(no_args_is_help=True)
 console = Console(stderr=True)  # progress and tables on stderr; stdout stays clean for `eval "$(... env)"`
@@ -22,13 +22,11 @@ def install(servers: Servers = None) -> None:
     """Fetch and build the servers into the cache folder (minutes the first time, instant after)."""
     stack = LocalStack()
     console.print(f"installing into {stack.layout.root} (Go builds take minutes the first time)")
-    try:
-        seconds = stack.install(servers)
-    except ServerFailed as error:
-        console.print(f"[red]{error}[/red]")
-        raise typer.Exit(1) from error
-    for name, took in seconds.items():
-        console.print(f"{name}: installed ({took:.1f} s)")
+    results = stack.install(servers)
+    for name, result in results.items():
+        console.print(f"{name}: " + (f"installed ({result:.1f} s)" if isinstance(result, float) else f"[red]{result}[/red]"))
+    if any(isinstance(result, str) for result in results.values()):
+        raise typer.Exit(1)
 
 
 @infra_app.command()

@@ -79,9 +79,11 @@ class KafkaServer(LocalServer):
             raise RuntimeError("installing Kafka needs Apache Maven (`mvn` on PATH) to fetch its jars")
         partial = self.libs_dir.with_name(self.libs_dir.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        subprocess.run([mvn, "-q", "-B", "--no-transfer-progress", "-Dstyle.color=never", "-f", str(asset("kafka", "pom.xml")),
-                        "dependency:copy-dependencies", "-DincludeScope=runtime", f"-DoutputDirectory={partial}"],
-                       check=True)
+        maven = subprocess.run([mvn, "-q", "-B", "-f", str(asset("kafka", "pom.xml")), "dependency:copy-dependencies",
+                                "-DincludeScope=runtime", f"-DoutputDirectory={partial}"],
+                               capture_output=True, text=True)
+        if maven.returncode != 0:
+            raise RuntimeError(f"`mvn dependency:copy-dependencies` failed:\n{maven.stdout}{maven.stderr}")
         partial.rename(self.libs_dir)
 
     def _java(self, main_class: str, *args: str) -> list[str]:

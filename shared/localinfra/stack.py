@@ -27,8 +27,8 @@ from shared.settings import Settings
 LOG_TAIL_LINES = 30
 
 
-class ServerFailed(RuntimeError):
-    """A server could not be installed or started; the message says why and where its log is."""
+class ServerExited(RuntimeError):
+    """The server's process ended while it was starting; the message holds the end of its log."""
 
 
 @dataclass
@@ -86,18 +86,22 @@ class LocalStack:
     def _write_state(self, state: dict[str, dict]) -> None:
         self.layout.state_file.write_text(json.dumps(state, indent=2))
 
-    def install(self, names: list[str] | None = None) -> dict[str, float]:
-        """Obtain every selected server; returns the seconds each took (near zero when cached)."""
-        seconds = {}
+    def install(self, names: list[str] | None = None) -> dict[str, float | str]:
+        """Obtain every selected server: per server, the seconds it took (near zero when cached) or why it failed.
+
+        One server failing does not stop the others: tests that need only those can still run.
+        """
+        results: dict[str, float | str] = {}
         with self.locked():
             for server in self.select(names):
                 started = time.perf_counter()
                 try:
                     server.install()
-                except Exception as error:
-                    raise ServerFailed(f"installing {server.name} failed: {error}") from error
-                seconds[server.name] = time.perf_counter() - started
-        return seconds
+                except Exception as error:  # a missing tool, a network error, a failed build: report, go on
+                    results[server.name] = f"installing {server.name} failed: {error}"
+                    continue
+                results[server.name] = time.perf_counter() - started
+        return results
 
     def up(self, names: list[str] | None = None, owner: str = "cli") -> dict[str, str | None]:
         """Start what is not running and healthy; returns, per server, None when it is up or why it is not.
@@ -137,7 +141,7 @@ class LocalStack:
     def _wait_until_healthy(self, server: LocalServer, ports: dict[str, int]) -> str | None:
         def attempt() -> None:
             if process.running(server.pid_file) is None:
-                raise ServerFailed(f"{server.name} exited while starting; last lines of {server.log_file}:\n"
+                raise ServerExited(f"{server.name} exited while starting; last lines of {server.log_file}:\n"
                                    + _tail(server))
             server.check_health(ports)
 
@@ -147,7 +151,7 @@ class LocalStack:
                 with tried:
                     attempt()
             server.after_healthy(ports)
-        except ServerFailed as error:
+        except ServerExited as error:
             return str(error)
         except Exception as error:
             process.stop(server.pid_file)
