@@ -218,9 +218,8 @@ def _choice_request(tokenizer, context: str, continuation: str) -> Request:
     return context_tokens, whole[len(context_tokens) :]
 
 
-def multiple_choice(model, tokenizer, examples: Sequence[Example], batch_size: int = 32) -> dict[str, float | int]:
-    if not examples:
-        raise ValueError("multiple_choice needs at least one example")
+def choice_loglikelihoods(model, tokenizer, examples: Sequence[Example], batch_size: int = 32) -> list[list[float]]:
+    """log P(" " + choice | prompt) for every choice of every example."""
     for example in examples:
         if not example.choices or not 0 <= example.label < len(example.choices):
             raise ValueError(f"not a multiple-choice example (choices and label): {example}")
@@ -228,9 +227,14 @@ def multiple_choice(model, tokenizer, examples: Sequence[Example], batch_size: i
         _choice_request(tokenizer, e.prompt, ANSWER_DELIMITER + choice) for e in examples for choice in e.choices
     ]
     scores = iter(_continuation_logprobs(model, requests, batch_size))
+    return [[next(scores) for _ in example.choices] for example in examples]
+
+
+def multiple_choice(model, tokenizer, examples: Sequence[Example], batch_size: int = 32) -> dict[str, float | int]:
+    if not examples:
+        raise ValueError("multiple_choice needs at least one example")
     correct = correct_norm = 0
-    for example in examples:
-        lls = [next(scores) for _ in example.choices]
+    for example, lls in zip(examples, choice_loglikelihoods(model, tokenizer, examples, batch_size), strict=True):
         normalised = [ll / len(choice) for ll, choice in zip(lls, example.choices, strict=True)]
         correct += max(range(len(lls)), key=lls.__getitem__) == example.label
         correct_norm += max(range(len(lls)), key=normalised.__getitem__) == example.label
