@@ -15,11 +15,13 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import psutil
 import pytest
+from minio import Minio
+from tenacity import retry, stop_after_delay, wait_fixed
 
 from shared.localinfra.stack import LocalStack
 from shared.settings import Settings
@@ -81,36 +83,47 @@ def _local_servers() -> Iterator[InfraEndpoints]:
 
 @contextmanager
 def _containers() -> Iterator[InfraEndpoints]:
-    # Imported here: the testcontainers path is optional and needs a Docker engine.
+    # Imported here: only this path needs the Docker client.
     from testcontainers.community.kafka import KafkaContainer
     from testcontainers.core.container import DockerContainer
     from testcontainers.core.waiting_utils import wait_for_logs
 
-    access_key, secret_key, bucket = secrets.token_hex(10), secrets.token_urlsafe(30), "agentforge"
-    kafka = KafkaContainer("confluentinc/cp-kafka:8.0.0").with_kraft()  # Apache Kafka 4.0
-    s3 = (DockerContainer("versity/versitygw:v1.8.0").with_exposed_ports(7070)
-          .with_env("ROOT_ACCESS_KEY_ID", access_key).with_env("ROOT_SECRET_ACCESS_KEY", secret_key)
-          .with_command("--port :7070 posix /tmp"))
-    jaeger = DockerContainer("jaegertracing/jaeger:2.13.0").with_exposed_ports(4318, 16686)
-    with kafka, s3, jaeger:
-        wait_for_logs(jaeger, "Everything is ready")
-        s3_endpoint = f"{s3.get_container_host_ip()}:{s3.get_exposed_port(7070)}"
-        _make_bucket(s3_endpoint, access_key, secret_key, bucket)
-        otlp = f"http://{jaeger.get_container_host_ip()}:{jaeger.get_exposed_port(4318)}"
-        yield InfraEndpoints(env={
-            "AGENTFORGE_KAFKA_BOOTSTRAP": kafka.get_bootstrap_server(),
-            "AGENTFORGE_S3_ENDPOINT": s3_endpoint, "AGENTFORGE_S3_ACCESS_KEY": access_key,
-            "AGENTFORGE_S3_SECRET_KEY": secret_key, "AGENTFORGE_S3_BUCKET": bucket,
-            "AGENTFORGE_OTLP_ENDPOINT": otlp, "OTEL_EXPORTER_OTLP_ENDPOINT": otlp,
-            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-            "AGENTFORGE_JAEGER_QUERY_URL": f"http://{jaeger.get_container_host_ip()}:{jaeger.get_exposed_port(16686)}",
-        })
+    access_key, secret_key, bucket = secrets.token_hex(10), secrets.token_urlsafe(30), Settings().s3_bucket
+    # Factories: building a container already asks the Docker engine for its version.
+    factories = {
+        "kafka": lambda: KafkaContainer("confluentinc/cp-kafka:8.0.0").with_kraft(),  # Apache Kafka 4.0
+        "s3": lambda: DockerContainer("versity/versitygw:v1.8.0").with_exposed_ports(7070)
+        .with_env("ROOT_ACCESS_KEY_ID", access_key).with_env("ROOT_SECRET_ACCESS_KEY", secret_key)
+        .with_command("--port :7070 posix /tmp"),
+        "jaeger": lambda: DockerContainer("jaegertracing/jaeger:2.13.0").with_exposed_ports(4318, 16686),
+    }
+    with ExitStack() as running:
+        containers, env, unavailable = {}, {}, {}
+        for name, factory in factories.items():
+            try:
+                containers[name] = running.enter_context(factory())
+            except Exception as error:  # no Docker engine, no image: the tests needing it skip
+                unavailable[name] = f"its container did not start: {error!r}"
+        if "kafka" not in unavailable:
+            env["AGENTFORGE_KAFKA_BOOTSTRAP"] = containers["kafka"].get_bootstrap_server()
+        if "s3" not in unavailable:
+            s3 = containers["s3"]
+            endpoint = f"{s3.get_container_host_ip()}:{s3.get_exposed_port(7070)}"
+            _make_bucket(endpoint, access_key, secret_key, bucket)
+            env.update({"AGENTFORGE_S3_ENDPOINT": endpoint, "AGENTFORGE_S3_ACCESS_KEY": access_key,
+                        "AGENTFORGE_S3_SECRET_KEY": secret_key, "AGENTFORGE_S3_BUCKET": bucket})
+        if "jaeger" not in unavailable:
+            jaeger = containers["jaeger"]
+            wait_for_logs(jaeger, "Everything is ready")
+            host = jaeger.get_container_host_ip()
+            otlp = f"http://{host}:{jaeger.get_exposed_port(4318)}"
+            env.update({"AGENTFORGE_OTLP_ENDPOINT": otlp, "OTEL_EXPORTER_OTLP_ENDPOINT": otlp,
+                        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+                        "AGENTFORGE_JAEGER_QUERY_URL": f"http://{host}:{jaeger.get_exposed_port(16686)}"})
+        yield InfraEndpoints(env=env, unavailable=unavailable)
 
 
 def _make_bucket(endpoint: str, access_key: str, secret_key: str, bucket: str) -> None:
-    from minio import Minio
-    from tenacity import retry, stop_after_delay, wait_fixed
-
     client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=False)
     # The gateway's port opens a moment after the container starts.
     retry(stop=stop_after_delay(30), wait=wait_fixed(0.5), reraise=True)(client.make_bucket)(bucket)
