@@ -25,6 +25,7 @@ from shared.localinfra.server import LocalServer, NotHealthy
 from shared.settings import Settings
 
 LOG_TAIL_LINES = 30
+MANUAL = "cli"  # the owner of servers started with `agentforge infra up`
 
 
 class ServerExited(RuntimeError):
@@ -103,10 +104,11 @@ class LocalStack:
                 results[server.name] = time.perf_counter() - started
         return results
 
-    def up(self, names: list[str] | None = None, owner: str = "cli") -> dict[str, str | None]:
+    def up(self, names: list[str] | None = None, owner: str = MANUAL) -> dict[str, str | None]:
         """Start what is not running and healthy; returns, per server, None when it is up or why it is not.
 
         owner is recorded with each server this call starts, so a test session can later stop only those.
+        A manual `up` also claims servers a test session started, so they outlive that session.
         """
         results: dict[str, str | None] = {}
         with self.locked():
@@ -116,6 +118,8 @@ class LocalStack:
                 previous = state.get(server.name, {})
                 running = process.running(server.pid_file)
                 if running is not None and _health_error(server, previous.get("ports", {})) is None:
+                    if owner == MANUAL:
+                        previous["owner"] = MANUAL
                     results[server.name] = None
                     continue
                 if running is not None:  # up but not answering: replace it
@@ -155,7 +159,7 @@ class LocalStack:
             return str(error)
         except Exception as error:
             process.stop(server.pid_file)
-            return f"{server.name} not healthy after {server.start_timeout_s:.0f} s ({error}); log: {server.log_file}"
+            return f"{server.name} did not become healthy ({error}); log: {server.log_file}"
         return None
 
     def down(self, names: list[str] | None = None, owner: str | None = None) -> list[str]:

@@ -37,7 +37,8 @@ def test_a_recycled_pid_is_not_taken_for_the_server(tmp_path):
     assert process.stop(pid_file) is False
 
 
-def test_garbled_pid_file_counts_as_not_running(tmp_path):
+@pytest.mark.parametrize("content", ["not json", '{"pid": null}', "{}"])
+def test_garbled_pid_file_counts_as_not_running(tmp_path, content):
     pid_file = tmp_path / "garbled.pid"
-    pid_file.write_text("not json")
-    assert process.running(pid_file) is None
+    pid_file.write_text(content)
+    assert process.running(pid_file) is None  # and never "this very process", which psutil gives for None
