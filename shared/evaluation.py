@@ -29,6 +29,8 @@ Z_95 = 1.959963984540054
 DEFAULT_MAX_LENGTH = 2048
 # A tokenizer's model_max_length at or above this means "not set" (transformers' VERY_LARGE_INTEGER).
 UNSET_MODEL_MAX_LENGTH = int(1e29)
+# Most memory one batch's logits may take (SmolLM2: 8192 positions x 49152 tokens is 1.6 GB a row).
+LOGITS_BUDGET_BYTES = 1 << 30
 
 Request = tuple[list[int], list[int]]  # (context tokens, continuation tokens)
 
@@ -36,10 +38,10 @@ Request = tuple[list[int], list[int]]  # (context tokens, continuation tokens)
 def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
     if n == 0:
         return 0.0, 1.0
-    p = successes / n
     if successes in (0, n):  # the closed form's exact bound, free of rounding
         bound = n / (n + z * z)
         return (0.0, 1 - bound) if successes == 0 else (bound, 1.0)
+    p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
@@ -47,7 +49,7 @@ def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, flo
 
 def _accuracy(name: str, correct: int, n: int) -> dict[str, float | int]:
     low, high = wilson_interval(correct, n)
-    return {name: correct / n if n else 0.0, f"{name}_ci_low": low, f"{name}_ci_high": high}
+    return {name: correct / n, f"{name}_ci_low": low, f"{name}_ci_high": high}
 
 
 @contextlib.contextmanager
@@ -68,9 +70,14 @@ def _continuation_logprobs(model, requests: Sequence[Request], batch_size: int) 
     results = [0.0] * len(requests)
     # Longest first so a batch pads little; right padding cannot change earlier positions of a causal model.
     order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
+    vocab_size = model.config.vocab_size
     with _evaluating(model) as device:
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
+        start = 0
+        while start < len(order):
+            # Fewer rows when long windows of a large vocabulary would make the float32 logits too big.
+            longest = len(requests[order[start]][0]) + len(requests[order[start]][1])
+            rows = max(1, min(batch_size, LOGITS_BUDGET_BYTES // (4 * longest * vocab_size)))
+            batch, start = order[start : start + rows], start + rows
             inputs = [(requests[i][0] + requests[i][1])[:-1] for i in batch]
             width = max(map(len, inputs))
             ids = torch.zeros(len(batch), width, dtype=torch.long)
@@ -204,7 +211,7 @@ def exact_match(
         raise ValueError("exact_match needs at least one example")
     generated = greedy_continuations(model, tokenizer, [e.prompt for e in examples], max_new_tokens, batch_size)
     correct = sum(extract_answer(text) == e.answer for text, e in zip(generated, examples, strict=True))
-    return {**_accuracy("exact_match", correct, len(examples)), "n": len(examples)}
+    return {**_accuracy("exact_match", correct, len(examples)), "correct": correct, "n": len(examples)}
 
 
 # --- multiple choice ---------------------------------------------------------------------------------
@@ -241,6 +248,8 @@ def multiple_choice(model, tokenizer, examples: Sequence[Example], batch_size: i
     return {
         **_accuracy("acc", correct, len(examples)),
         **_accuracy("acc_norm", correct_norm, len(examples)),
+        "correct": correct,
+        "correct_norm": correct_norm,
         "n": len(examples),
         "chance": sum(1 / len(e.choices) for e in examples) / len(examples),
     }

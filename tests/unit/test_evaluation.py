@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from shared import evaluation
 from shared.data.tasks import Example, make_examples
 from shared.data.text import english_documents
 from shared.evaluation import (
@@ -84,7 +85,7 @@ def test_bits_per_byte_of_one_window_equals_a_direct_forward_pass(model, tokeniz
     assert scores["n_tokens"] == len(tokens) and scores["max_length"] == 64
 
 
-def test_bits_per_byte_sums_windows_each_scored_directly(model, tokenizer):
+def test_bits_per_byte_sums_windows_each_scored_directly(model, tokenizer, monkeypatch):
     document = english_documents("test")[0][:3000]
     tokens = tokenizer(document, add_special_tokens=False)["input_ids"]
     expected = sum(
@@ -94,6 +95,9 @@ def test_bits_per_byte_sums_windows_each_scored_directly(model, tokenizer):
     for batch_size in (1, 5):
         scores = bits_per_byte(model, tokenizer, [document], max_length=16, batch_size=batch_size)
         assert scores["loglikelihood"] == pytest.approx(expected, rel=1e-9)
+    monkeypatch.setattr(evaluation, "LOGITS_BUDGET_BYTES", 1)  # forces one row per batch
+    scores = bits_per_byte(model, tokenizer, [document], max_length=16, batch_size=5)
+    assert scores["loglikelihood"] == pytest.approx(expected, rel=1e-9)
 
 
 def test_a_uniform_model_costs_log2_vocabulary_bits_per_token(model, tokenizer):
@@ -137,7 +141,7 @@ def test_exact_match_counts_extracted_answers(model, tokenizer):
     ]
     scores = exact_match(model, tokenizer, rigged, max_new_tokens=8)
     expected = sum(text.split("\n")[0].strip() == e.answer for e, text in zip(rigged, generated))
-    assert scores["n"] == 8 and scores["exact_match"] == expected / 8 >= 0.5
+    assert scores["n"] == 8 and scores["correct"] == expected and scores["exact_match"] == expected / 8 >= 0.5
     assert scores["exact_match_ci_low"] < scores["exact_match"] < scores["exact_match_ci_high"]
 
 
@@ -156,6 +160,7 @@ def test_multiple_choice_picks_the_choice_a_direct_computation_prefers(model, to
         correct_norm += normalised.index(max(normalised)) == example.label
     scores = multiple_choice(model, tokenizer, examples, batch_size=5)
     assert scores["acc"] == correct / 12 and scores["acc_norm"] == correct_norm / 12
+    assert (scores["correct"], scores["correct_norm"]) == (correct, correct_norm)
     assert scores["chance"] == 0.25 and scores["n"] == 12
     with pytest.raises(ValueError, match="not a multiple-choice example"):
         multiple_choice(model, tokenizer, make_examples("arithmetic", 1, "test", 1))
