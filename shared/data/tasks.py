@@ -48,6 +48,7 @@ class Example:
 
 
 def split_of(prompt: str) -> str:
+    """The split a problem belongs to, from the SHA-256 of its prompt."""
     bucket = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big") % 100
     for split, upper in zip(SPLITS, itertools.accumulate(SPLIT_PERCENT), strict=True):
         if bucket < upper:
@@ -260,10 +261,12 @@ def training_stream(
 ) -> Iterator[Example]:
     """Endless examples: a suite drawn by weight from mix, a level uniformly from its levels, problems
     with repetition. A curriculum is a sequence of streams with rising levels."""
+    if any(weight < 0 for weight in mix.values()):
+        raise ValueError(f"mix weights must be >= 0, got {dict(mix)}")
     suites = [suite for suite, weight in mix.items() if weight > 0]
     if not suites:
         raise ValueError("mix needs at least one suite with a positive weight")
-    levels_of = {s: tuple(levels[s] if isinstance(levels, Mapping) else levels) for s in suites}
+    levels_of = {s: tuple(levels.get(s, ()) if isinstance(levels, Mapping) else levels) for s in suites}
     for suite in suites:
         if not levels_of[suite]:
             raise ValueError(f"no levels given for suite {suite!r}")

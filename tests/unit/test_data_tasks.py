@@ -171,3 +171,7 @@ def test_training_stream_follows_mix_levels_and_split():
     assert list(itertools.islice(again, 400)) == examples
     with pytest.raises(ValueError, match="levels 1..3, not 7"):
         training_stream({"modular": 1.0}, [7])
+    with pytest.raises(ValueError, match="no levels given for suite 'sequence'"):
+        training_stream({"sequence": 1.0}, {"arithmetic": [1]})
+    with pytest.raises(ValueError, match="weights must be >= 0"):
+        training_stream({"sequence": -1.0, "arithmetic": 1.0}, [1])
