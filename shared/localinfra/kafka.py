@@ -98,7 +98,8 @@ class KafkaServer(LocalServer):
         # The formatted storage records the controller's endpoint as the quorum's only voter; when the port
         # changes (it was taken by another program) the local data starts over rather than disagree with it.
         formatted_for = {"controller_port": ports["controller"]}
-        if self.format_marker.exists() and json.loads(self.format_marker.read_text()) == formatted_for:
+        formatted = (self.data_dir / "meta.properties").exists() and self.format_marker.exists()
+        if formatted and json.loads(self.format_marker.read_text()) == formatted_for:
             return
         shutil.rmtree(self.data_dir, ignore_errors=True)
         with open(self.log_file, "ab") as log:
