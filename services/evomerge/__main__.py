@@ -50,7 +50,8 @@ def train_stand_ins(preset: str, base_steps: int, specialist_steps: int, seed: i
         specialist = copy.deepcopy(base)
         sources = {"text": text_rows, suite: _task_rows(tokenizer, suite, shape.max_positions, seed)}
         curve = train_causal_lm(specialist, sources, {"text": 0.3, suite: 0.7},
-                                TrainingConfig(steps=specialist_steps, learning_rate=1e-3, warmup_steps=10, seed=seed),
+                                TrainingConfig(steps=specialist_steps, learning_rate=1e-3, warmup_steps=specialist_steps // 10,
+                                               seed=seed),
                                 pad_id=tokenizer.pad_token_id)
         typer.echo(f"specialist {suite}: {specialist_steps} steps, final loss {curve.train_loss[-1]:.3f}")
         models.append(ForgedModel(specialist.eval(), tokenizer, f"specialist-{suite}"))

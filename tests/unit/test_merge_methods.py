@@ -16,20 +16,19 @@ pytestmark = pytest.mark.unit
 
 
 def tiny_config(layers: int = 2, **overrides) -> LlamaConfig:
-    return LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, **overrides,
-    )
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    return LlamaConfig(**{**shape, **overrides})
 
 
-def tiny_family(n_finetunes: int = 2, seed: int = 0) -> tuple[LlamaForCausalLM, list[LlamaForCausalLM]]:
+def tiny_family(n_finetunes: int = 2, seed: int = 0, **config) -> tuple[LlamaForCausalLM, list[LlamaForCausalLM]]:
     """A random base and fine-tunes = base + (shared direction + own noise), like specialists of one base."""
     torch.manual_seed(seed)
-    base = LlamaForCausalLM(tiny_config()).eval()
+    base = LlamaForCausalLM(tiny_config(**config)).eval()
     shared = {name: 0.01 * torch.randn_like(p) for name, p in base.state_dict().items()}
     finetunes = []
     for _ in range(n_finetunes):
-        model = LlamaForCausalLM(tiny_config()).eval()
+        model = LlamaForCausalLM(tiny_config(**config)).eval()
         model.load_state_dict({n: p + shared[n] + 0.01 * torch.randn_like(p) for n, p in base.state_dict().items()})
         finetunes.append(model)
     return base, finetunes

@@ -14,8 +14,8 @@ from services.evomerge.merge_methods.slerp import SlerpMerge
 from services.evomerge.merge_methods.task_arithmetic import GeneralizedTaskArithmetic
 
 
-class UnknownMergeMethodError(LookupError):
-    pass
+class UnknownMergeMethodError(LookupError, ValueError):
+    """A failed lookup, and a bad value where configs are validated (pydantic wraps ValueErrors)."""
 
 
 def _methods() -> dict[str, MergeMethod]:

@@ -1,0 +1,78 @@
+"""EvoMergePhase end to end on tiny models (random weights, a real tokenizer, the real evaluation code):
+the report's structure, the split discipline, recipe re-application, and clear errors on bad inputs."""
+from __future__ import annotations
+
+import pytest
+from transformers import LlamaForCausalLM
+
+from services.evomerge.phase import EvoMergeConfig, EvoMergePhase
+from services.evomerge.recipe import apply_recipe
+from shared.checkpoint import save_checkpoint
+from shared.phase import ForgedModel, get_phase
+from shared.tokenizer import train_tokenizer
+from tests.unit.test_merge_methods import tiny_config, tiny_family
+
+pytestmark = pytest.mark.unit
+
+# No bits per byte here: rolling windows over two plays cost minutes on a loaded 2-core machine.
+SUITE = {"text_split": None, "tasks": [["multiple_choice", 1, 4]]}
+SMALL = {"generations": 1, "population": 2, "dfs_generations": 1, "dfs_population": 2,
+         "seed_methods": ["linear", "ties"], "validation": SUITE}
+
+
+@pytest.fixture(scope="module")
+def inputs() -> list[ForgedModel]:
+    words = ["the merge of three models", "what is 3 + 4 ? 7", "to be or not to be", "a b c d e f g"] * 50
+    tokenizer = train_tokenizer(words, 512, 64)
+    base, finetunes = tiny_family(3, vocab_size=len(tokenizer))
+    models = [base, *finetunes]
+    names = ["base", "specialist-a", "specialist-b", "specialist-c"]
+    return [ForgedModel(m.eval(), tokenizer, n) for m, n in zip(models, names)]
+
+
+def test_phase_is_registered():
+    assert isinstance(get_phase("evomerge"), EvoMergePhase)
+
+
+def test_config_rejects_the_test_split_and_unknown_methods():
+    with pytest.raises(ValueError, match="must not see the test split"):
+        EvoMergeConfig.model_validate({"validation": {"split": "test"}})
+    with pytest.raises(ValueError, match="no merge method named 'tie'"):
+        EvoMergeConfig.model_validate({"seed_methods": ["tie"]})
+    assert EvoMergeConfig().test_suite().split == "test"
+
+
+def test_missing_base_or_mismatched_models_fail_clearly(inputs):
+    phase = EvoMergePhase()
+    config = phase.parse_config(SMALL)
+    with pytest.raises(ValueError, match="named 'base'"):
+        phase.transform(inputs[1:], config)
+    with pytest.raises(ValueError, match="at least two specialists"):
+        phase.transform(inputs[:2], config)
+    deeper = LlamaForCausalLM(tiny_config(3, vocab_size=len(inputs[0].tokenizer)))
+    other = ForgedModel(deeper, inputs[0].tokenizer, "specialist-deep")
+    with pytest.raises(ValueError, match="architecture"):
+        phase.transform([*inputs, other], config)
+
+
+@pytest.mark.slow
+def test_transform_reports_a_reapplicable_champion(inputs, tmp_path):
+    phase = EvoMergePhase()
+    config = phase.parse_config(SMALL)
+    result = phase.transform(inputs, config)
+    report = result.report
+    stages = [g["stage"] for g in report["fitness_per_generation"]]
+    assert stages[0] == "seed" and "parameter_space" in stages and "data_flow" in stages
+    assert {e["method"] for e in report["seed_round"]} == {"linear", "ties"}
+    assert set(report["test"]) == {"champion", "base", "specialist-a", "specialist-b", "specialist-c", "uniform-linear"}
+    assert all(metrics["eval.split"] == "test" for metrics in report["test"].values())
+    assert report["champion"]["validation"]["eval.split"] == "validation"
+    best_validation = max(g["best"] for g in report["fitness_per_generation"])
+    assert report["champion"]["validation_fitness"] == best_validation
+    assert isinstance(report["champion_beats_every_parent_and_uniform_on_test"], bool)
+
+    champion = result.models[0]
+    again = apply_recipe(report["champion"]["recipe"], inputs, name=champion.name)
+    digests = [save_checkpoint(m, tmp_path / str(i), phase="evomerge", code_version="1", config={}, config_hash="",
+                               parents=[]).digest for i, m in enumerate([champion, again])]
+    assert digests[0] == digests[1]
