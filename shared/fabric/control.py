@@ -120,13 +120,17 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
     async def _start(self, spec: pipeline_pb2.PipelineSpec, run_id: str, context) -> str:
         if run_id in self.started or self.view.get(run_id) is not None:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"run {run_id!r} exists; start a new one")
+        self.started.add(run_id)  # before any await, so a concurrent start of the same id is refused
         try:
             if self.prepare is not None:
                 await self.prepare(spec)
+            first = self.topics.phase_input(phase_name(spec.steps[0].phase)) if spec.steps else self.topics.runs
+            # Created with the bus's partition count rather than left to the broker's auto-creation.
+            await self.bus.ensure_topics([self.topics.runs, first])
             await start_pipeline(self.bus, spec, topics=self.topics, run_id=run_id, tracer_provider=self.tracer_provider)
         except (ValueError, LookupError, TypeError, BadEvent) as error:
+            self.started.discard(run_id)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid pipeline spec: {error}")
-        self.started.add(run_id)
         return run_id
 
     async def _known_run(self, run_id: str, context) -> control_pb2.RunStatus:

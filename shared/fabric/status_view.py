@@ -250,11 +250,9 @@ class FaustStatusView(StatusView):
         )
         raw = faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
         self.source = self.app.topic(topics.runs, schema=raw, partitions=runs_partitions)
-        self.table = self.app.Table(
-            "run-status",
-            schema=faust.Schema(key_type=str, value_type=bytes, key_serializer="raw", value_serializer="raw"),
-            partitions=runs_partitions,
-        )
+        # The table's serializers come from key_type/value_type (bytes -> "raw"), not from a schema: with a
+        # schema the changelog is written raw but read back as JSON on recovery, which then stalls.
+        self.table = self.app.Table("run-status", key_type=str, value_type=bytes, partitions=runs_partitions)
         self.agent = self.app.agent(self.source, name=f"{topics.prefix}-status-fold")(self._fold)
 
     async def _fold(self, stream):
@@ -277,9 +275,12 @@ class FaustStatusView(StatusView):
     def runs(self) -> list[RunStatus]:
         return newest_first(RunStatus.FromString(v) for v in self.table.values())
 
-    async def start(self) -> None:
+    async def start(self, recovery_timeout_s: float = 300.0) -> None:
+        """Start the agent and return once the table is rebuilt from its changelog (before that, reads
+        would miss runs the view already knew)."""
         self.app.finalize()
         await self.app.start()
+        await asyncio.wait_for(self.app.tables.recovery.completed.wait(), recovery_timeout_s)
 
     async def stop(self) -> None:
         await self.app.stop()

@@ -2,6 +2,7 @@
 phase services (separate processes, S3 store, Jaeger) to completion; `status` and `trace` show it."""
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -14,7 +15,10 @@ from typer.testing import CliRunner
 
 import shared.fabric.cli as fabric_cli
 from shared.cli import app
+from shared.fabric.control import run_events
+from shared.fabric.kafka_bus import KafkaBus
 from shared.fabric.launch import ServiceProcess, free_port, spawn_phase_service
+from shared.fabric.topics import Topics
 from tests.fabric_phases import ScaleWeights, SeedModel, spec_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -39,18 +43,24 @@ def cluster(infra, tmp_path, monkeypatch):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     control_health = f"127.0.0.1:{free_port()}"
-    log = tmp_path / "control.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen([str(Path(sys.executable).parent / "agentforge"), "control"], cwd=REPO,
-                                   env={**os.environ, "AGENTFORGE_HEALTH_ADDR": control_health},
-                                   stdout=out, stderr=subprocess.STDOUT)
-    services = [ServiceProcess(process, control_health, log)]
+
+    def start_control(log: Path) -> ServiceProcess:
+        with open(log, "w") as out:
+            process = subprocess.Popen([str(Path(sys.executable).parent / "agentforge"), "control"], cwd=REPO,
+                                       env={**os.environ, "AGENTFORGE_HEALTH_ADDR": control_health},
+                                       stdout=out, stderr=subprocess.STDOUT)
+        service = ServiceProcess(process, control_health, log)
+        services.append(service)
+        return service
+
+    services: list[ServiceProcess] = []
+    start_control(tmp_path / "control.log")
     services += [spawn_phase_service(spec, env=env, log_path=tmp_path / f"{i}.log", cwd=REPO)
                  for i, spec in enumerate((SEED, SCALE))]
     try:
         for service in services:
             service.wait_ready(START_S)
-        yield tmp_path
+        yield tmp_path, services[0], start_control
     finally:
         for service in services:
             service.stop()
@@ -62,7 +72,8 @@ def invoke(*args: str) -> tuple[int, str]:
 
 
 def test_start_through_control_runs_to_completion_and_status_and_trace_show_it(cluster):
-    spec = cluster / "spec.yaml"
+    tmp_path, control, start_control = cluster
+    spec = tmp_path / "spec.yaml"
     spec.write_text(f"name: control-it\nsteps:\n  - phase: {SEED}\n    config: {{seed: 2}}\n"
                     f"  - phase: {SCALE}\n    config: {{factor: 0.5}}\n")
     assert fabric_cli.control_stub(fabric_cli.Settings()) is not None  # `start` goes through the service
@@ -92,3 +103,27 @@ def test_start_through_control_runs_to_completion_and_status_and_trace_show_it(c
     assert code == 0 and "replay started as run" in out, out
     code, out = invoke("dlq", "list")
     assert code == 0 and "no dead letters" in out, out
+
+    # Without a control service `start` publishes straight to Kafka. A control service started afterwards
+    # rebuilds its faust table from the changelog (the first run) and folds what it missed (this one).
+    assert control.stop() == 0
+    code, out = invoke("start", "--spec", str(spec), "--run-id", "direct-run")
+    assert code == 0 and "started run direct-run" in out, out
+    asyncio.run(wait_for_completion("direct-run"))
+    start_control(tmp_path / "control-2.log").wait_ready(START_S)
+    code, out = invoke("status", "direct-run")
+    assert code == 0 and "completed" in out, out
+    code, out = invoke("status", "it-run")
+    assert code == 0 and "completed" in out and out.count(" done ") == 2, out
+
+
+async def wait_for_completion(run_id: str, timeout_s: float = 240) -> None:
+    settings = fabric_cli.Settings()
+    bus = KafkaBus(settings.kafka_bootstrap)
+    events = run_events(bus, Topics.from_settings(settings), run_id)
+    async with asyncio.timeout(timeout_s):
+        async for envelope in events:
+            if envelope.WhichOneof("payload") == "pipeline_completed":
+                break
+            assert envelope.WhichOneof("payload") != "phase_failed", envelope
+    await events.aclose()

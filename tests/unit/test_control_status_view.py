@@ -148,6 +148,7 @@ def test_faust_table_folds_events_keyed_by_run_id():
         view = FaustStatusView(settings, runs_partitions=3)
         assert view.app.conf.web_enabled is False and view.app.conf.web_bind == "127.0.0.1"
         assert view.table.partitions == 3 and view.source.partitions == 3
+        assert view.table.value_serializer == "raw"  # serialized RunStatus, restored byte for byte
         view.app.finalize()
         view.app.flow_control.resume()
         events = successful_run()
