@@ -6,11 +6,15 @@ Headers added to the original record's own (the value and key are kept byte for 
     x-agentforge-error     the error message
     x-agentforge-attempts  how many times the phase tried
     x-agentforge-phase     the phase that gave up
+    x-agentforge-failed-at when, in Unix milliseconds (the failing service's clock)
 Redrive republishes dead letters to their original topic once the cause is fixed. It reads with its own
-consumer group, so each dead letter is redriven once; a letter that fails again comes back as a new one.
+consumer group, so each dead letter is redriven once. A letter that fails again comes back as a new one,
+dated after the redrive began: redrive leaves those for the next redrive (uncommitted), or a cause that
+is not fixed would loop between the phase and the dead-letter topic.
 """
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -25,6 +29,7 @@ REASON = HEADER_PREFIX + "reason"
 ERROR = HEADER_PREFIX + "error"
 ATTEMPTS = HEADER_PREFIX + "attempts"
 PHASE = HEADER_PREFIX + "phase"
+FAILED_AT = HEADER_PREFIX + "failed-at"
 MAX_ERROR_BYTES = 4000
 
 
@@ -38,6 +43,7 @@ class DeadLetter:
     error: str
     attempts: int
     phase: str
+    failed_at_ms: int  # 0 when unknown
 
     @classmethod
     def from_record(cls, record: Record) -> DeadLetter:
@@ -53,6 +59,7 @@ class DeadLetter:
             error=text(ERROR),
             attempts=int(text(ATTEMPTS) or 0),
             phase=text(PHASE),
+            failed_at_ms=int(text(FAILED_AT) or 0),
         )
 
     @property
@@ -70,6 +77,7 @@ def dead_letter_headers(record: Record, *, reason: str, error: str, attempts: in
         (ERROR, error.encode("utf-8", "replace")[:MAX_ERROR_BYTES]),
         (ATTEMPTS, str(attempts).encode()),
         (PHASE, phase.encode()),
+        (FAILED_AT, str(int(time.time() * 1000)).encode()),
     ]
 
 
@@ -99,12 +107,15 @@ async def redrive_dead_letters(bus: Bus, topics: Topics = Topics(), idle_s: floa
 
     Stops when no letter arrives for idle_s seconds (on Kafka the first fetch waits for the group join).
     """
+    began_ms = int(time.time() * 1000)
     consumer = bus.consumer([topics.dlq], f"{topics.prefix}-dlq-redrive")
     await consumer.start()
     redriven = []
     try:
         while (record := await consumer.next(idle_s)) is not None:
             letter = DeadLetter.from_record(record)
+            if letter.failed_at_ms >= began_ms:
+                continue  # failed again during this redrive: later letters of its partition are newer still
             if letter.original_topic:
                 headers = [(name, value) for name, value in record.headers if not name.startswith(HEADER_PREFIX)]
                 await bus.publish(letter.original_topic, record.value or b"", key=letter.run_id, headers=headers)

@@ -210,3 +210,27 @@ def test_bad_events_go_to_the_dead_letter_topic_and_the_service_keeps_serving(st
     for record in bus.records[TOPICS.dlq][4:]:  # redrive strips the old dead-letter headers first
         names = [name for name, _ in record.headers if name.startswith("x-agentforge-")]
         assert len(names) == len(set(names))
+
+
+def test_redrive_of_a_cause_not_fixed_does_not_loop(stored_input):
+    store, _, _ = stored_input
+    bus = InMemoryBus()
+    topic = TOPICS.phase_input("fabric_scale")
+
+    async def scenario():
+        worker = PhaseWorker(SCALE, bus, store, retry=FAST_RETRY)
+        await bus.publish(topic, b"still garbage", key="run-garbage")
+        await serve_until_idle(worker, bus)
+        stop = asyncio.Event()
+        serving = asyncio.create_task(worker.serve(stop, poll_s=0.02))  # fails each redriven letter at once
+        try:
+            redriven = await asyncio.wait_for(redrive_dead_letters(bus, TOPICS, idle_s=0.3), timeout=20)
+        finally:
+            stop.set()
+            await serving
+        later = await redrive_dead_letters(bus, TOPICS, idle_s=0.05)  # the new letter waits for the next redrive
+        return redriven, later
+
+    redriven, later = asyncio.run(scenario())
+    assert len(redriven) == 1 and len(later) == 1
+    assert len(bus.records[TOPICS.dlq]) == 2
