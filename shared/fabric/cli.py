@@ -24,7 +24,7 @@ from rich.table import Column, Table
 from shared.contracts.agentforge.v1 import control_pb2, control_pb2_grpc, events_pb2, pipeline_pb2
 from shared.fabric.events import pipeline_spec
 from shared.fabric.phases import load_phase
-from shared.fabric.status_view import RunArchive, RunStatus, fold, state_name
+from shared.fabric.status_view import RunArchive, RunStatus, fold, newest_first, state_name
 from shared.fabric.topics import Topics
 from shared.phase import available_phases
 from shared.settings import Settings
@@ -166,7 +166,10 @@ def show_run(status: RunStatus) -> None:
     table = Table("step", "phase", "state", "report")
     reports = {c.step: c.report_json for c in status.completed_steps}
     for index, step in enumerate(status.spec.steps):
-        table.add_row(str(index), step.phase, step_state(status, index), reports.get(index, ""))
+        state = step_state(status, index)
+        if state == "running":
+            state = f"running {status.current_fraction:.0%}: {status.message}"
+        table.add_row(str(index), step.phase, state, reports.get(index, ""))
     console.print(table)
     if status.HasField("failure"):
         f = status.failure
@@ -334,8 +337,6 @@ def status(run_id: Annotated[str, typer.Argument(help="A run id; without it, eve
 
 
 def newest_archived(settings: Settings) -> list[RunStatus]:
-    from shared.fabric.status_view import newest_first
-
     return newest_first(RunArchive.from_settings(settings).all())
 
 
