@@ -52,6 +52,21 @@ def handoffs(ready_envelopes, run_envelopes) -> list[float]:
             for e in ready_envelopes if (e.run_id, e.model_ready.step) in started and e.model_ready.step > 0]
 
 
+def phase_seconds(run_envelopes) -> dict[str, float]:
+    """Per phase: 'started' progress -> PhaseCompleted, i.e. download, transform and upload. Raises if
+    any step reused an earlier output (the comparison would be meaningless)."""
+    started = {e.phase_progress.step: e.created_at.ToNanoseconds() for e in run_envelopes
+               if e.WhichOneof("payload") == "phase_progress" and e.phase_progress.message == "started"}
+    times = {}
+    for e in run_envelopes:
+        if e.WhichOneof("payload") == "phase_completed":
+            done = e.phase_completed
+            if done.reused:
+                raise RuntimeError(f"step {done.step} reused an earlier output")
+            times[done.phase] = (e.created_at.ToNanoseconds() - started[done.step]) / 1e9
+    return times
+
+
 def throughput(settings: Settings, size_mb: int, repeats: int) -> None:
     store = S3Store.from_settings(settings.model_copy(update={"s3_bucket": f"afbench-{uuid.uuid4().hex[:8]}"}))
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,7 +98,7 @@ def throughput(settings: Settings, size_mb: int, repeats: int) -> None:
         print(f"  {name:12s} {median:7.3f} s   {size_mb / median:8.1f} MiB/s")
 
 
-async def distributed_run(settings: Settings, seed: int, steps: int) -> tuple[float, list[float]]:
+async def distributed_run(settings: Settings, seed: int, steps: int) -> tuple[float, list[float], dict]:
     topics = Topics.from_settings(settings)
     bus = KafkaBus(settings.kafka_bootstrap)
     await bus.start()
@@ -110,7 +125,7 @@ async def distributed_run(settings: Settings, seed: int, steps: int) -> tuple[fl
         await watcher.stop()
         await bus.stop()
     readies = await read_model_ready(settings, run_id)
-    return wall, handoffs(readies, runs)
+    return wall, handoffs(readies, runs), phase_seconds(runs)
 
 
 async def read_model_ready(settings: Settings, run_id: str) -> list:
@@ -131,7 +146,7 @@ async def read_model_ready(settings: Settings, run_id: str) -> list:
     return found
 
 
-async def embedded_run(seed: int, steps: int) -> tuple[float, list[float]]:
+async def embedded_run(seed: int, steps: int) -> tuple[float, list[float], dict]:
     bus = InMemoryBus()
     with tempfile.TemporaryDirectory() as store_dir:
         t = time.perf_counter()
@@ -139,7 +154,7 @@ async def embedded_run(seed: int, steps: int) -> tuple[float, list[float]]:
         wall = time.perf_counter() - t
     readies = [decode_envelope(r.value) for topic, records in bus.records.items() if topic.endswith(".in")
                for r in records]
-    return wall, handoffs(readies, result.events)
+    return wall, handoffs(readies, result.events), phase_seconds(result.events)
 
 
 def compare(settings: Settings, runs: int, steps: int, log_dir: Path) -> None:
@@ -154,33 +169,38 @@ def compare(settings: Settings, runs: int, steps: int, log_dir: Path) -> None:
             service.wait_ready(600)
         asyncio.run(embedded_run(1000, steps))  # warm-up: first-call costs in this process
         asyncio.run(distributed_run(isolated, 1001, steps))  # warm-up: topics, group joins, first imports
-        embedded, distributed, embedded_hops, distributed_hops = [], [], [], []
+        walls = {"embedded": [], "distributed": []}
+        hops = {"embedded": [], "distributed": []}
+        per_phase = {"embedded": [], "distributed": []}
         for i in range(runs):
-            wall, hops = asyncio.run(embedded_run(i, steps))
-            embedded.append(wall)
-            embedded_hops += hops
-            wall, hops = asyncio.run(distributed_run(isolated, i, steps))
-            distributed.append(wall)
-            distributed_hops += hops
+            for mode in ("embedded", "distributed"):
+                run = embedded_run(i, steps) if mode == "embedded" else distributed_run(isolated, i, steps)
+                wall, run_hops, times = asyncio.run(run)
+                walls[mode].append(wall)
+                hops[mode] += run_hops
+                per_phase[mode].append(times)
     finally:
         for service in services:
             service.stop()
-    print(f"\n== pipeline seed -> scale -> fine-tune ({steps} steps), {runs} runs each, tiny Llama")
-    e, d = statistics.mean(embedded), statistics.mean(distributed)
-    print(f"  embedded     wall {e:7.3f} s  (runs: {', '.join(f'{x:.2f}' for x in embedded)})")
-    print(f"  distributed  wall {d:7.3f} s  (runs: {', '.join(f'{x:.2f}' for x in distributed)})")
+    print(f"\n== pipeline seed -> scale -> fine-tune ({steps} steps), {runs} runs each, tiny Llama; medians")
+    for mode in ("embedded", "distributed"):
+        phases = {name: statistics.median(t[name] for t in per_phase[mode]) for name in per_phase[mode][0]}
+        print(f"  {mode:12s} wall {statistics.median(walls[mode]):7.3f} s  (runs: "
+              f"{', '.join(f'{x:.2f}' for x in walls[mode])}); per phase: "
+              + ", ".join(f"{name} {seconds:.3f} s" for name, seconds in phases.items()))
+    e, d = statistics.median(walls["embedded"]), statistics.median(walls["distributed"])
     print(f"  overhead     {100 * (d - e) / e:+.1f} %  (goal < 10 %)")
     print("\n== hand-off latency: ModelReady published -> next phase started")
-    for name, hops in (("embedded", embedded_hops), ("distributed", distributed_hops)):
-        print(f"  {name:12s} median {1000 * statistics.median(hops):7.1f} ms   max {1000 * max(hops):7.1f} ms"
-              f"   ({len(hops)} hand-offs)")
+    for mode, values in hops.items():
+        print(f"  {mode:12s} median {1000 * statistics.median(values):7.1f} ms   max {1000 * max(values):7.1f} ms"
+              f"   ({len(values)} hand-offs)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--finetune-steps", type=int, default=20)
     args = parser.parse_args()
     settings = Settings()
