@@ -6,6 +6,8 @@
   3. wall time of the same pipeline distributed vs embedded (goal: < 10% overhead).
 
 Needs the local servers:  eval "$(.venv/bin/agentforge infra env)" && .venv/bin/python -m bench.fabric
+On a machine with more runnable processes than cores, set OMP_NUM_THREADS=1 (the services inherit it):
+torch's two-thread OpenMP barriers then dominate and make either mode vary by seconds from run to run.
 Each distributed run uses a fresh topic prefix and bucket, and each pipeline a fresh seed, so no output
 is reused from an earlier run. Embedded and distributed runs alternate, so drifting machine load hits both.
 """
