@@ -173,7 +173,8 @@ def show_run(status: RunStatus) -> None:
     console.print(table)
     if status.HasField("failure"):
         f = status.failure
-        console.print(f"[red]failed at step {f.step} ({f.phase}) after {f.attempts} attempt(s): {f.reason}: {f.error}[/red]")
+        console.print(f"[red]failed at step {f.step} ({f.phase}) after {f.attempts} attempt(s): "
+                      f"{f.reason}: {f.error}[/red]")
     for output in status.outputs:
         console.print(f"output {output.name}: {output.uri} sha256 {output.sha256}")
 
@@ -242,7 +243,11 @@ def follow(statuses) -> RunStatus | None:
 
 # --- commands ------------------------------------------------------------------------------------------
 
-SpecOption = Annotated[Path | None, typer.Option("--spec", help="Pipeline spec YAML (default: every registered phase, default configs).", exists=True, dir_okay=False)]
+SpecOption = Annotated[Path | None, typer.Option(
+    "--spec", exists=True, dir_okay=False,
+    help="Pipeline spec YAML (default: every registered phase with its default config).",
+)]
+RunIdOption = Annotated[str, typer.Option(help="Run id (default: a new one).")]
 
 
 def run_here(settings: Settings, pipeline: pipeline_pb2.PipelineSpec, run_id: str = "") -> RunStatus:
@@ -269,7 +274,7 @@ def run_here(settings: Settings, pipeline: pipeline_pb2.PipelineSpec, run_id: st
     return status
 
 
-def run(spec: SpecOption = None, run_id: Annotated[str, typer.Option(help="Run id (default: a new one).")] = "") -> None:
+def run(spec: SpecOption = None, run_id: RunIdOption = "") -> None:
     """Run the whole pipeline in this process (embedded mode: local store, in-process bus)."""
     settings = Settings()
     pipeline = load_spec(spec)
@@ -280,7 +285,7 @@ def run(spec: SpecOption = None, run_id: Annotated[str, typer.Option(help="Run i
 
 def start(
     spec: SpecOption = None,
-    run_id: Annotated[str, typer.Option(help="Run id (default: a new one).")] = "",
+    run_id: RunIdOption = "",
     watch: Annotated[bool, typer.Option("--watch", help="Follow the run's progress until it ends.")] = False,
 ) -> None:
     """Start a pipeline run: through the control service if one answers, else straight to Kafka."""

@@ -127,7 +127,9 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
             first = self.topics.phase_input(phase_name(spec.steps[0].phase)) if spec.steps else self.topics.runs
             # Created with the bus's partition count rather than left to the broker's auto-creation.
             await self.bus.ensure_topics([self.topics.runs, first])
-            await start_pipeline(self.bus, spec, topics=self.topics, run_id=run_id, tracer_provider=self.tracer_provider)
+            await start_pipeline(
+                self.bus, spec, topics=self.topics, run_id=run_id, tracer_provider=self.tracer_provider
+            )
         except (ValueError, LookupError, TypeError, BadEvent) as error:
             self.started.discard(run_id)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid pipeline spec: {error}")

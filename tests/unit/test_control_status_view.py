@@ -35,13 +35,21 @@ def completed(step: int, phase: str, output: str, reused: bool = False):
     return done
 
 
+def progress(step: int, phase: str, fraction: float, message: str):
+    return events_pb2.PhaseProgress(step=step, phase=phase, fraction=fraction, message=message)
+
+
+def start_event(run_id: str = RUN):
+    return new_envelope(run_id, "control", pipeline_started=events_pb2.PipelineStarted(spec=SPEC))
+
+
 def successful_run() -> list:
     return [
-        at(new_envelope(RUN, "control", pipeline_started=events_pb2.PipelineStarted(spec=SPEC)), 0),
-        at(new_envelope(RUN, "seed", phase_progress=events_pb2.PhaseProgress(step=0, phase="fabric_seed", fraction=0.0, message="started")), 1),
-        at(new_envelope(RUN, "seed", phase_progress=events_pb2.PhaseProgress(step=0, phase="fabric_seed", fraction=1.0, message="created")), 2),
+        at(start_event(), 0),
+        at(new_envelope(RUN, "seed", phase_progress=progress(0, "fabric_seed", 0.0, "started")), 1),
+        at(new_envelope(RUN, "seed", phase_progress=progress(0, "fabric_seed", 1.0, "created")), 2),
         at(new_envelope(RUN, "seed", phase_completed=completed(0, "fabric_seed", "a")), 3),
-        at(new_envelope(RUN, "scale", phase_progress=events_pb2.PhaseProgress(step=1, phase="fabric_scale", fraction=0.5, message="half")), 4),
+        at(new_envelope(RUN, "scale", phase_progress=progress(1, "fabric_scale", 0.5, "half")), 4),
         at(new_envelope(RUN, "scale", phase_completed=completed(1, "fabric_scale", "b")), 5),
         at(new_envelope(RUN, "scale", pipeline_completed=events_pb2.PipelineCompleted(outputs=[ref("b")])), 6),
     ]
@@ -118,7 +126,7 @@ def test_memory_view_folds_the_bus_and_archives_for_other_processes(tmp_path):
         await view.start()
         for envelope in successful_run():
             await publish_envelope(bus, topics.runs, envelope, [])
-        await publish_envelope(bus, topics.runs, at(new_envelope("run-0", "control", pipeline_started=events_pb2.PipelineStarted(spec=SPEC)), -5), [])
+        await publish_envelope(bus, topics.runs, at(start_event("run-0"), -5), [])
         await bus.publish(topics.runs, b"not an envelope", key="junk")
         status = await view.wait_for(RUN, timeout_s=5)
         for _ in range(50):
