@@ -40,6 +40,7 @@ SERVICE_START_S = 240  # importing torch and transformers takes long on a busy m
 @pytest.fixture
 def fabric(infra, tmp_path):
     """Settings isolated to this test: own topic prefix, own bucket; and a way to start services."""
+    infra.require("kafka", "s3", "jaeger")
     tag = uuid.uuid4().hex[:10]
     settings = Settings(topic_prefix=f"aftest{tag}", s3_bucket=f"aftest-{tag}")
     env = {"AGENTFORGE_TOPIC_PREFIX": settings.topic_prefix, "AGENTFORGE_S3_BUCKET": settings.s3_bucket,
