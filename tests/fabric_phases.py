@@ -152,3 +152,21 @@ def seed_checkpoint(directory: Path, seed: int = 0) -> Path:
     save_checkpoint(forged, directory, phase=phase.name, code_version=phase.version,
                     config=config.model_dump(mode="json"), config_hash=config.config_hash(), parents=[])
     return directory
+
+
+def altered(message, **fields):
+    """A copy of a protobuf message with some fields changed (e.g. a CheckpointRef with a wrong SHA-256)."""
+    copy = type(message)()
+    copy.CopyFrom(message)
+    for name, value in fields.items():
+        setattr(copy, name, value)
+    return copy
+
+
+def scale_event(run_id: str, ref, factor: float):
+    """A ModelReady for a one-step ScaleWeights pipeline on checkpoint `ref`."""
+    from shared.contracts.agentforge.v1 import events_pb2
+    from shared.fabric.events import new_envelope, pipeline_spec
+
+    spec = pipeline_spec([(spec_for(ScaleWeights)[0], {"factor": factor})])
+    return new_envelope(run_id, "test", model_ready=events_pb2.ModelReady(spec=spec, step=0, inputs=[ref]))

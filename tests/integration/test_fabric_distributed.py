@@ -15,10 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared.contracts.agentforge.v1 import events_pb2
 from shared.fabric.dlq import list_dead_letters, redrive_dead_letters
 from shared.fabric.embedded import run_embedded_async
-from shared.fabric.events import FailureReason, decode_envelope, new_envelope, pipeline_spec
+from shared.fabric.events import FailureReason, decode_envelope, pipeline_spec
 from shared.fabric.kafka_bus import KafkaBus
 from shared.fabric.launch import ServiceProcess, spawn_phase_service
 from shared.fabric.local_store import LocalStore
@@ -28,7 +27,7 @@ from shared.fabric.topics import Topics
 from shared.fabric.tracing import tracer_provider
 from shared.fabric.transport import download_checkpoint, pack_checkpoint, upload_checkpoint
 from shared.settings import Settings
-from tests.fabric_phases import FineTune, ScaleWeights, SeedModel, seed_checkpoint, spec_for
+from tests.fabric_phases import FineTune, ScaleWeights, SeedModel, altered, scale_event, seed_checkpoint, spec_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -230,18 +229,10 @@ def test_bad_inputs_are_dead_lettered_with_reasons_and_redrive_succeeds(fabric):
     store = S3Store.from_settings(settings)
     checkpoint = seed_checkpoint(tmp / "ckpt", seed=4)
     good = upload_checkpoint(store, checkpoint, "inputs/seed.tar")
-    missing = type(good)()
-    missing.CopyFrom(good)
-    missing.uri = good.uri.replace("inputs/seed.tar", "inputs/later.tar")
-    wrong_sha = type(good)()
-    wrong_sha.CopyFrom(good)
-    wrong_sha.sha256 = "e" * 64
+    missing = altered(good, uri=good.uri.replace("inputs/seed.tar", "inputs/later.tar"))
+    wrong_sha = altered(good, sha256="e" * 64)
 
-    def ready(run_id, ref, factor):
-        spec = pipeline_spec([(SCALE, {"factor": factor})])
-        return new_envelope(run_id, "test", model_ready=events_pb2.ModelReady(spec=spec, step=0, inputs=[ref]))
-
-    future = ready("run-future", good, 0.5)
+    future = scale_event("run-future", good, 0.5)
     future.schema_version = 99
     start_services(SCALE)
     topic = topics.phase_input("fabric_scale")
@@ -253,7 +244,7 @@ def test_bad_inputs_are_dead_lettered_with_reasons_and_redrive_succeeds(fabric):
             await bus.publish(topic, b"\x00\xffgarbage", key="run-garbage")
             await bus.publish(topic, future.SerializeToString(), key="run-future")
             for run_id, ref, factor in [("run-missing", missing, 0.25), ("run-sha", wrong_sha, 0.5), ("run-good", good, 0.5)]:
-                await publish_envelope(bus, topic, ready(run_id, ref, factor), [])
+                await publish_envelope(bus, topic, scale_event(run_id, ref, factor), [])
         finally:
             await bus.stop()
 

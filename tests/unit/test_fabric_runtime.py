@@ -21,7 +21,7 @@ from shared.fabric.tracing import tracer_provider
 from shared.fabric.transport import download_checkpoint, pack_checkpoint, upload_checkpoint
 from shared.fabric.worker import PhaseWorker, RetryPolicy
 from shared.settings import Settings
-from tests.fabric_phases import FineTune, ScaleWeights, SeedModel, seed_checkpoint, spec_for
+from tests.fabric_phases import FineTune, ScaleWeights, SeedModel, altered, scale_event, seed_checkpoint, spec_for
 
 pytestmark = pytest.mark.unit
 
@@ -74,7 +74,7 @@ def test_run_completes_with_verified_lineage_and_measured_reports(finished_run):
     assert not any(step.reused for step in result.steps)
     manifest = download_checkpoint(store, result.outputs[0], root / "final")
     assert manifest.phase == "fabric_finetune" and manifest.digest == result.outputs[0].digest
-    for before, after in zip(result.steps, result.steps[1:]):
+    for before, after in zip(result.steps, result.steps[1:], strict=False):
         assert list(after.outputs[0].lineage.parent_digests) == [before.outputs[0].digest]
     scale = decode_report(result.steps[1])
     assert scale["norm_after"] == pytest.approx(0.8 * scale["norm_before"], rel=1e-4)
@@ -145,17 +145,9 @@ def test_bad_events_go_to_the_dead_letter_topic_and_the_service_keeps_serving(st
     bus = InMemoryBus()
     topic = TOPICS.phase_input("fabric_scale")
 
-    def ready(run_id: str, ref, factor: float) -> events_pb2.Envelope:
-        spec = pipeline_spec([(SCALE, {"factor": factor})])
-        return new_envelope(run_id, "test", model_ready=events_pb2.ModelReady(spec=spec, step=0, inputs=[ref]))
-
-    missing_ref = type(good_ref)()
-    missing_ref.CopyFrom(good_ref)
-    missing_ref.uri = good_ref.uri.replace("inputs/seed.tar", "inputs/later.tar")
-    wrong_sha_ref = type(good_ref)()
-    wrong_sha_ref.CopyFrom(good_ref)
-    wrong_sha_ref.sha256 = "f" * 64
-    future = ready("run-future", good_ref, 0.5)
+    missing_ref = altered(good_ref, uri=good_ref.uri.replace("inputs/seed.tar", "inputs/later.tar"))
+    wrong_sha_ref = altered(good_ref, sha256="f" * 64)
+    future = scale_event("run-future", good_ref, 0.5)
     future.schema_version = 2
 
     def check_first_round():
@@ -187,9 +179,9 @@ def test_bad_events_go_to_the_dead_letter_topic_and_the_service_keeps_serving(st
         worker = PhaseWorker(SCALE, bus, store, retry=FAST_RETRY)
         await bus.publish(topic, b"\x00\xffthis is not an envelope", key="run-garbage")
         await bus.publish(topic, future.SerializeToString(), key="run-future")
-        await publish_envelope(bus, topic, ready("run-missing", missing_ref, 0.25), [])
-        await publish_envelope(bus, topic, ready("run-sha", wrong_sha_ref, 0.5), [])
-        await publish_envelope(bus, topic, ready("run-good", good_ref, 0.5), [])
+        await publish_envelope(bus, topic, scale_event("run-missing", missing_ref, 0.25), [])
+        await publish_envelope(bus, topic, scale_event("run-sha", wrong_sha_ref, 0.5), [])
+        await publish_envelope(bus, topic, scale_event("run-good", good_ref, 0.5), [])
         await serve_until_idle(worker, bus)
         check_first_round()
         fix_the_cause()
