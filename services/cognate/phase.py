@@ -54,6 +54,7 @@ class CognateConfig(PhaseConfig):
     task_examples: int = Field(40_000, ge=1)  # training examples drawn per task source
     curve_rows: int = Field(16, ge=1)  # validation rows per source for the held-out curves
     text_documents: int | None = Field(None, ge=1)  # use only the first N training works (micro runs)
+    threads: int = Field(2, ge=1)  # torch threads for training
     score: bool = True  # measure the test table (off only for micro runs in unit tests)
     # Name -> local weights (HF folder or .gguf): import these instead of training (names as the outputs).
     import_paths: dict[str, str] = {}
@@ -118,7 +119,8 @@ def _train(config: CognateConfig, progress: ProgressFn) -> tuple[list[ForgedMode
     def run(model, mix, learning_rate, seed, steps, label):
         nonlocal done
         training = TrainingConfig(steps=steps, batch_size=config.batch_size, learning_rate=learning_rate,
-                                  warmup_steps=min(config.warmup_steps, steps - 1), eval_every=config.eval_every, seed=seed)
+                                  warmup_steps=min(config.warmup_steps, steps - 1), eval_every=config.eval_every, seed=seed,
+                                  threads=config.threads)
         curve = train_causal_lm(model, train_rows, mix, training, pad_id=pad, eval_sets=curve_rows, progress=stage(label, steps))
         done += steps
         return {"mix": mix, "training": training.model_dump(), "curve": curve.as_report()}
