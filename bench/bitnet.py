@@ -5,7 +5,8 @@ for a given pair of checkpoints (--float DIR --bitnet DIR, the latter holding bi
 
   memory   bytes of the model's tensors (shared tensors counted once), and the size of each file;
   speed    prefill tokens/s (one forward of batch x length) and decode tokens/s (greedy generation with
-           the KV cache), median of --repeats runs, torch on --threads threads.
+           the KV cache), median of --repeats rounds in which every variant runs once (so a machine
+           shared with other work slows all variants alike), torch on --threads threads.
 
 Variants: float (nn.Linear), BitLinear in memory (fake quantization of latent float weights, as trained),
 packed with weights unpacked on every call, packed with the unpacked weights cached.
@@ -43,24 +44,17 @@ def tensor_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up (and fills the unpack cache where there is one)
-    times = []
+def interleaved_medians(jobs: dict, repeats: int) -> dict:
+    """Median seconds of each job, timed in rounds (every job once a round) so load drift hits all alike."""
+    for job in jobs.values():
+        job()  # warm-up (and fills the unpack cache where there is one)
+    times = {name: [] for name in jobs}
     for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
-@torch.inference_mode()
-def speed(model, vocab: int, batch: int, length: int, new_tokens: int, repeats: int) -> dict[str, float]:
-    ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
-    prefill = median_seconds(lambda: model(input_ids=ids), repeats)
-    prompt = ids[:1, :8]
-    decode = median_seconds(lambda: model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                                   do_sample=False, pad_token_id=0), repeats)
-    return {"prefill_tokens_per_s": batch * length / prefill, "decode_tokens_per_s": new_tokens / decode}
+        for name, job in jobs.items():
+            started = time.perf_counter()
+            job()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def float_variant(float_model, folder: Path) -> dict[str, tuple[torch.nn.Module, int]]:
@@ -74,15 +68,25 @@ def packed_variants(path: Path, codec: str) -> dict[str, tuple[torch.nn.Module, 
             f"packed {codec}, unpacked cached": (load_packed(path, cache_unpacked=True), size)}
 
 
+@torch.inference_mode()
 def report(title: str, models: dict, vocab: int, args) -> None:
+    ids = torch.randint(0, vocab, (args.batch, args.length), generator=torch.Generator().manual_seed(0))
+    jobs = {}
+    for name, (model, _) in models.items():
+        model.eval()
+        jobs[(name, "prefill")] = lambda m=model: m(input_ids=ids)
+        jobs[(name, "decode")] = lambda m=model: m.generate(ids[:1, :8], max_new_tokens=args.new_tokens,
+                                                            min_new_tokens=args.new_tokens, do_sample=False,
+                                                            pad_token_id=0)
+    seconds = interleaved_medians(jobs, args.repeats)
     print(f"\n== {title}: batch {args.batch} x {args.length} prefill, {args.new_tokens} decoded tokens, "
-          f"{args.threads} threads ==")
+          f"{args.threads} threads, median of {args.repeats} interleaved rounds ==")
     print(f"{'variant':34} {'file MB':>8} {'tensors MB':>10} {'prefill tok/s':>14} {'decode tok/s':>13}")
     for name, (model, file_bytes) in models.items():
-        figures = speed(model.eval(), vocab, args.batch, args.length, args.new_tokens, args.repeats)
         file_mb = f"{file_bytes / MB:8.2f}" if file_bytes else f"{'-':>8}"
         print(f"{name:34} {file_mb} {tensor_bytes(model) / MB:10.2f} "
-              f"{figures['prefill_tokens_per_s']:14.0f} {figures['decode_tokens_per_s']:13.1f}")
+              f"{args.batch * args.length / seconds[(name, 'prefill')]:14.0f} "
+              f"{args.new_tokens / seconds[(name, 'decode')]:13.1f}")
 
 
 def main() -> None:
