@@ -145,9 +145,7 @@ def _input_rms(model, name, batch):
     return seen[0].pow(2).mean(dim=-1).sqrt().mean().item()
 
 
-def test_checkpoint_loads_back_in_stock_transformers_with_the_same_logits(tmp_path, monkeypatch):
-    # transformers wraps its quantizers in torch.compile; eager gives the same numbers without a minute of compiling.
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)
+def test_checkpoint_loads_back_in_stock_transformers_with_the_same_logits(tmp_path, eager_torch):
     model = tiny_llama()
     convert_to_bitnet(model)
     model.save_pretrained(tmp_path)

@@ -79,8 +79,7 @@ def test_report_measures_three_models_and_both_packings(result):
     assert report["sizes"]["base3"]["ternary_payload_bytes"] == sum(math.ceil(n / 5) for n in weights)
 
 
-def test_packed_extra_file_and_checkpoint_hand_off_give_the_same_logits(result, tmp_path, monkeypatch):
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)  # stock AutoBitLinear is torch.compile'd
+def test_packed_extra_file_and_checkpoint_hand_off_give_the_same_logits(result, tmp_path, eager_torch):
     (output,) = result.models
     files = result.extra_files["micro"]
     save_checkpoint(output, tmp_path, phase="bitnet", code_version="1", config={}, config_hash="x", parents=[],
