@@ -39,8 +39,12 @@ infra-up: venv
 infra-down: venv
 	$(BIN)/agentforge infra down
 
+## Benchmarks, printing measured figures; the fabric's needs the local servers.
 bench: venv
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench.merge
+	$(BIN)/python -m bench.bitnet
+	$(BIN)/agentforge infra up
+	eval "$$($(BIN)/agentforge infra env)" && $(BIN)/python -m bench.fabric
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -17,7 +17,8 @@ import shared.fabric.cli as fabric_cli
 from shared.cli import app
 from shared.fabric.control import run_events
 from shared.fabric.kafka_bus import KafkaBus
-from shared.fabric.launch import ServiceProcess, free_port, spawn_phase_service
+from shared.fabric.launch import ServiceProcess, spawn_phase_service
+from shared.localinfra.ports import free_port
 from shared.fabric.topics import Topics
 from tests.fabric_phases import ScaleWeights, SeedModel, spec_for
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 import shared.fabric.cli as fabric_cli
 from shared.cli import app
 from shared.fabric.control import serve_control_async
-from shared.fabric.launch import free_port
+from shared.localinfra.ports import free_port
 from shared.fabric.status_view import RunArchive
 from shared.phase import get_phase
 from shared.settings import Settings

@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from shared.fabric.health import split_addr, start_health_server
-from shared.fabric.launch import free_port
+from shared.localinfra.ports import free_port
 from shared.settings import Settings
 
 pytestmark = pytest.mark.unit
