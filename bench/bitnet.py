@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import shared  # noqa: F401  first: it sets the OpenMP wait policy before torch loads
 import torch
 from safetensors import safe_open
 

@@ -10,10 +10,12 @@ import json
 from pathlib import Path
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from services.bitnet.phase import BitNetConfig, BitNetPhase, training_sources, training_texts
 from shared.checkpoint import load_checkpoint, save_checkpoint
-from shared.models import build_model, get_preset
+from shared.models import Preset, build_model, get_preset
 from shared.phase import ForgedModel
 from shared.tokenizer import train_tokenizer
 from shared.training import TrainingConfig, train_causal_lm
@@ -21,8 +23,7 @@ from shared.training import TrainingConfig, train_causal_lm
 cli = typer.Typer(add_completion=False)
 
 
-def train_float_model(preset: str, config: BitNetConfig, steps: int) -> ForgedModel:
-    shape = get_preset(preset)
+def train_float_model(shape: Preset, config: BitNetConfig, steps: int, name: str) -> ForgedModel:
     texts = training_texts(config, "train", config.task_examples)
     tokenizer = train_tokenizer([*texts["text"], *texts["tasks"]], shape.vocab_size, shape.max_positions)
     model = build_model(shape, len(tokenizer), config.seed, eos_token_id=tokenizer.eos_token_id,
@@ -33,7 +34,7 @@ def train_float_model(preset: str, config: BitNetConfig, steps: int) -> ForgedMo
                             pad_id=tokenizer.pad_token_id)
     typer.echo(f"float model: {steps} steps, final train loss {curve.train_loss[-1]:.3f}, "
                f"{curve.tokens_per_second:.0f} tokens/s")
-    return ForgedModel(model=model, tokenizer=tokenizer, name="float-" + preset)
+    return ForgedModel(model=model, tokenizer=tokenizer, name=name)
 
 
 def _every_tenth():
@@ -45,6 +46,23 @@ def _every_tenth():
             typer.echo(f"[{fraction:4.0%}] {message}")
 
     return echo
+
+
+def print_summary(report: dict) -> None:
+    quality = Table("model", "text bits/byte", "task accuracy (mean)", "held-out loss", title="quality")
+    for name in ("float", "float_finetuned", "naive_ternary", "qat"):
+        if name in report:
+            row = report[name]
+            losses = ", ".join(f"{source} {loss:.3f}" for source, loss in row["held_out_loss"].items())
+            quality.add_row(name, f"{row.get('text.bits_per_byte', float('nan')):.3f}",
+                            f"{row.get('tasks.mean_accuracy', float('nan')):.3f}", losses)
+    sizes = Table("packing", "ternary payload bytes", "ternary bits/weight", "file bytes", "file bits/parameter",
+                  "x smaller than float file", title=f"sizes (float file {report['float_file_bytes']} bytes)")
+    for name, size in report["sizes"].items():
+        sizes.add_row(name, str(size["ternary_payload_bytes"]), f"{size['ternary_bits_per_weight']:.4f}",
+                      str(size["file_bytes"]), f"{size['file_bits_per_parameter']:.3f}",
+                      f"{size['file_compression_vs_float']:.2f}")
+    Console().print(quality, sizes)
 
 
 @cli.command()
@@ -63,7 +81,7 @@ def main(
         forged, manifest = load_checkpoint(checkpoint)
         parents = [manifest.digest]
     else:
-        forged, parents = train_float_model(preset, config, float_steps), []
+        forged, parents = train_float_model(get_preset(preset), config, float_steps, "float-" + preset), []
         if float_out is not None:
             save_checkpoint(forged, float_out, phase="float-stand-in", code_version="1", config={},
                             config_hash="", parents=[])
@@ -74,7 +92,8 @@ def main(
                     extra_files=result.extra_files[output.name])
     if report is not None:
         report.write_text(json.dumps(result.report, indent=2))
-    typer.echo(json.dumps({k: v for k, v in result.report.items() if k != "qat_curve"}, indent=2))
+    typer.echo(json.dumps({k: v for k, v in result.report.items() if not k.endswith("_curve")}, indent=2))
+    print_summary(result.report)
 
 
 if __name__ == "__main__":

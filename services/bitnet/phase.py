@@ -1,7 +1,10 @@
 """Phase 4, BitNet: one float model in, its quantization-aware fine-tuned BitNet b1.58 version out.
 
-The transform measures three models on the same evaluation: the float input, its naive ternarization
-(converted, no training) and the QAT model; it packs the result and measures the files.
+The transform measures, on the same evaluation, the float input, its naive ternarization (converted, no
+training), the QAT model and, as the fair reference for QAT, the float input fine-tuned without quantization
+on the same data, steps, schedule and seed ("float_finetuned"): QAT's extra training alone can lower the
+loss of an under-trained input, so only this control isolates what ternary weights cost. The report gives
+QAT's gap to both float models; the result is packed and the files measured.
 
 What the next phase receives (the checkpoint of the output model):
     model.safetensors + config.json   the latent float weights and input-norm gains; config.json carries
@@ -31,7 +34,7 @@ from shared.data.tasks import format_for_training, training_stream
 from shared.data.text import english_documents
 from shared.evaluation import EvalSuite, evaluate
 from shared.phase import ForgedModel, Phase, PhaseConfig, PhaseResult, ProgressFn, no_progress
-from shared.training import Row, TrainingConfig, collate, encode_texts, mean_loss
+from shared.training import Row, TrainingConfig, collate, encode_texts, mean_loss, train_causal_lm
 
 PACKED_FILE = "bitnet-packed.safetensors"
 
@@ -42,6 +45,8 @@ class BitNetConfig(PhaseConfig):
     calibrate_norms: bool = True
     calibration_rows: int = Field(16, ge=1)  # training rows the norm calibration runs on
     packing: Literal["2bit", "base3"] = "base3"  # codec of the packed file (both are measured)
+    # Also fine-tune the float input exactly as QAT is trained, without quantization (doubles the training time).
+    float_control: bool = True
     training: TrainingConfig = TrainingConfig(steps=300, learning_rate=1e-3, warmup_steps=20, eval_every=50)
     lambda_warmup_fraction: float = Field(0.5, ge=0, le=1)  # share of the steps lambda takes to reach 1
     seq_len: int = Field(128, ge=8)
@@ -83,6 +88,24 @@ def _held_out_losses(model, sets: dict[str, list[Row]], pad_id: int) -> dict[str
     return {name: mean_loss(model, rows, pad_id) for name, rows in sets.items()}
 
 
+def _measure(model, tokenizer, config: BitNetConfig, held_out: dict[str, list[Row]], pad_id: int) -> dict:
+    return {**evaluate(model, tokenizer, config.eval), "held_out_loss": _held_out_losses(model, held_out, pad_id)}
+
+
+HEADLINE_SUFFIXES = (".bits_per_byte", ".exact_match", ".acc", ".mean_accuracy")
+
+
+def quality_gap(measured: dict, reference: dict) -> dict[str, float]:
+    """measured minus reference on the headline figures of two _measure tables.
+
+    Bits per byte and held-out losses: positive means worse than the reference; accuracies: negative does.
+    """
+    gap = {key: measured[key] - reference[key] for key in measured if key.endswith(HEADLINE_SUFFIXES)}
+    gap.update({f"held_out_loss.{source}": loss - reference["held_out_loss"][source]
+                for source, loss in measured["held_out_loss"].items()})
+    return gap
+
+
 def _file_bytes(model) -> int:
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder, safe_serialization=True)
@@ -117,12 +140,23 @@ class BitNetPhase(Phase):
         train = training_sources(tokenizer, config, "train", config.task_examples)
         held_out = {name: rows[: config.held_out_rows] for name, rows in
                     training_sources(tokenizer, config, "validation", config.held_out_rows * 4).items()}
-        report: dict = {"float": {}, "naive_ternary": {}, "qat": {}}
+        mix = {"text": config.text_weight, "tasks": 1.0 - config.text_weight}
+        report: dict = {}
+        # Progress milestones: the QAT run (and the float control when on) take nearly all of the time.
+        start_qat = 0.5 if config.float_control else 0.1
 
         progress(0.0, "evaluating the float model")
-        report["float"] = {**evaluate(model, tokenizer, config.eval),
-                           "held_out_loss": _held_out_losses(model, held_out, pad_id)}
+        report["float"] = _measure(model, tokenizer, config, held_out, pad_id)
         float_bytes = _file_bytes(model)
+
+        if config.float_control:
+            control = copy.deepcopy(model)
+            curve = train_causal_lm(control, train, mix, config.training, pad_id=pad_id, eval_sets=held_out,
+                                    progress=lambda f, m: progress(0.05 + 0.4 * f, f"float control: {m}"))
+            progress(0.45, "evaluating the fine-tuned float model")
+            report["float_finetuned"] = _measure(control, tokenizer, config, held_out, pad_id)
+            report["float_finetune_curve"] = curve.as_report()
+            del control
 
         gains = None
         if config.calibrate_norms:
@@ -132,23 +166,22 @@ class BitNetPhase(Phase):
         if not converted:
             raise ValueError("no linear layer to quantize: every nn.Linear is kept in full precision")
 
-        progress(0.05, "evaluating the naive ternarization")
-        report["naive_ternary"] = {**evaluate(model, tokenizer, config.eval),
-                                   "held_out_loss": _held_out_losses(model, held_out, pad_id)}
+        progress(start_qat - 0.05, "evaluating the naive ternarization")
+        report["naive_ternary"] = _measure(model, tokenizer, config, held_out, pad_id)
 
         warmup = round(config.lambda_warmup_fraction * config.training.steps)
-        mix = {"text": config.text_weight, "tasks": 1.0 - config.text_weight}
         curve, strengths = quantization_aware_finetune(
             model, train, mix, config.training, lambda_warmup_steps=warmup, pad_id=pad_id, eval_sets=held_out,
-            progress=lambda f, m: progress(0.1 + 0.8 * f, m),
+            progress=lambda f, m: progress(start_qat + (0.9 - start_qat) * f, m),
         )
 
         progress(0.9, "evaluating the QAT model")
         model.eval()
-        report["qat"] = {**evaluate(model, tokenizer, config.eval),
-                         "held_out_loss": _held_out_losses(model, held_out, pad_id)}
+        report["qat"] = _measure(model, tokenizer, config, held_out, pad_id)
         report["qat_curve"] = {**curve.as_report(), "lambda_warmup_steps": warmup,
                                "lambda": [round(s, 4) for s in strengths]}
+        report["qat_gap"] = {reference: quality_gap(report["qat"], report[reference])
+                             for reference in ("float", "float_finetuned") if reference in report}
         report["converted_layers"] = len(converted)
         report["kept_full_precision"] = list(config.keep_full_precision)
         report["float_file_bytes"] = float_bytes
