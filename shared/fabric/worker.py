@@ -166,14 +166,15 @@ class PhaseWorker:
             stop=stop_after_attempt(self.retry.attempts),
             wait=wait_exponential(multiplier=self.retry.initial_s, max=self.retry.max_s),
             retry=retry_if_exception(_retriable),
+            before_sleep=lambda state: log.warning(
+                "%s run %s: attempt %d failed, retrying: %r", self.name, envelope.run_id, state.attempt_number,
+                state.outcome.exception(), exc_info=state.outcome.exception()),
             reraise=True,
         )
         try:
             async for attempt in retrying:
                 with attempt:
                     attempts = attempt.retry_state.attempt_number
-                    if attempts > 1:
-                        log.warning("%s run %s: attempt %d", self.name, envelope.run_id, attempts)
                     return await self._produce(envelope, ready)
         except Exception as error:
             raise _GaveUp(error, attempts) from error
