@@ -23,16 +23,17 @@ cli = typer.Typer(add_completion=False)
 
 
 def _table_lines(report: dict) -> list[str]:
-    lines = [f"{'model':22} {'test bpb [95% block CI]':28} {'reasoning EM [95%]':24} {'tools EM [95%]':22} {'arith L1 EM':>11}"]
+    def em(scores: dict) -> str:
+        return f"{scores['exact_match']:.3f} [{scores['ci_low']:.3f}, {scores['ci_high']:.3f}]"
+
+    lines = [f"{'model':22} {'test bpb [95% block CI]':28} {'reasoning EM [95%]':22} {'tools EM [95%]':22} arith L1 EM [95%]"]
     for name, row in report["table"].items():
         if name == "majority_baseline":
             continue
-        text, reasoning, tools = row["text"], row["reasoning"], row["tools"]
+        text = row["text"]
         lines.append(
             f"{name:22} {text['bits_per_byte']:.3f} [{text['block_ci_low']:.3f}, {text['block_ci_high']:.3f}]      "
-            f"{reasoning['exact_match']:.3f} [{reasoning['ci_low']:.3f}, {reasoning['ci_high']:.3f}]   "
-            f"{tools['exact_match']:.3f} [{tools['ci_low']:.3f}, {tools['ci_high']:.3f}] "
-            f"{row['arithmetic_easy']['exact_match']:>11.3f}"
+            f"{em(row['reasoning']):22} {em(row['tools']):22} {em(row['arithmetic_easy'])}"
         )
     lines.append(f"majority-answer baseline, arithmetic L1: {report['table']['majority_baseline']['arithmetic_easy']:.3f}")
     return lines

@@ -15,7 +15,14 @@ import copy
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.cognate.mixes import SOURCES, source_rows, tokenizer_corpus
-from services.cognate.scoring import EASY_ARITHMETIC, bootstrap_bpb, majority_baseline, score_model, text_blocks
+from services.cognate.scoring import (
+    EASY_ARITHMETIC,
+    bootstrap_accuracy_difference,
+    bootstrap_bpb,
+    majority_baseline,
+    score_model,
+    text_blocks,
+)
 from shared.models import build_model, count_parameters, get_preset, import_weights
 from shared.phase import ForgedModel, Phase, PhaseConfig, PhaseResult, ProgressFn, no_progress
 from shared.tokenizer import train_tokenizer
@@ -36,15 +43,15 @@ class Specialist(BaseModel):
 
 DEFAULT_SPECIALISTS = (
     Specialist(name="specialist-reasoning", mix={"text": 0.1, "reasoning": 0.8, "tools": 0.1}, learning_rate=2e-3, seed=11),
-    Specialist(name="specialist-text", mix={"text": 0.8, "reasoning": 0.1, "tools": 0.1}, learning_rate=3e-3, seed=12),
-    Specialist(name="specialist-tools", mix={"text": 0.1, "reasoning": 0.1, "tools": 0.8}, learning_rate=1.5e-3, seed=13),
+    Specialist(name="specialist-text", mix={"text": 0.75, "reasoning": 0.15, "tools": 0.1}, learning_rate=3e-3, seed=12),
+    Specialist(name="specialist-tools", mix={"text": 0.1, "reasoning": 0.15, "tools": 0.75}, learning_rate=1.5e-3, seed=13),
 )
 
 
 class CognateConfig(PhaseConfig):
     preset: str = "tiny"
     base_steps: int = Field(300, ge=1)
-    base_mix: dict[str, float] = {"text": 0.4, "reasoning": 0.3, "tools": 0.3}
+    base_mix: dict[str, float] = {"text": 0.4, "reasoning": 0.35, "tools": 0.25}
     base_learning_rate: float = Field(3e-3, gt=0)
     specialist_steps: int = Field(150, ge=1)
     specialists: tuple[Specialist, ...] = DEFAULT_SPECIALISTS
@@ -146,30 +153,30 @@ def _train(config: CognateConfig, progress: ProgressFn) -> tuple[list[ForgedMode
 
 
 def _score(forged: list[ForgedModel], untrained: ForgedModel | None, progress: ProgressFn) -> tuple[dict, dict]:
-    """The measured table (every model, the untrained one first) and whether each specialist wins its own
-    speciality over both siblings with non-overlapping 95% intervals (paired bootstrap for text)."""
+    """The measured table (every model, the untrained one first) and, for each specialist, its paired
+    comparison with both siblings on its own speciality: the difference and its 95% bootstrap interval
+    over test blocks (text) or test problems (reasoning, tools). It wins if every interval excludes zero
+    on its side."""
     blocks = text_blocks("test")
     scored = [untrained] if untrained is not None else []
     scored += forged
-    table, per_block = {}, {}
+    table, items = {}, {}
     for i, m in enumerate(scored):
         progress(0.8 + 0.2 * i / len(scored), f"scoring {m.name}")
-        table[m.name], per_block[m.name] = score_model(m.model, m.tokenizer, blocks)
+        table[m.name], items[m.name] = score_model(m.model, m.tokenizer, blocks)
     table["majority_baseline"] = {"arithmetic_easy": majority_baseline(*EASY_ARITHMETIC)}
 
     speciality = {}
     for name, area in SPECIALITY.items():
-        others = [o for o in SPECIALITY if o != name]
-        if area == "text":
-            own = table[name]["text"]["bits_per_byte"]
-            vs = {}
-            for o in others:
-                difference, low, high = bootstrap_bpb(per_block[name], per_block[o])
-                vs[o] = {"block_bpb_difference": difference, "ci_low": low, "ci_high": high}
-            wins = all(v["ci_high"] < 0 for v in vs.values())
-        else:
-            own = table[name][area]["exact_match"]
-            vs = {o: {"difference": own - table[o][area]["exact_match"]} for o in others}
-            wins = all(table[name][area]["ci_low"] > table[o][area]["ci_high"] for o in others)
-        speciality[name] = {"area": area, "score": own, "versus": vs, "best_with_95pct_separation": wins}
+        versus = {}
+        for other in (o for o in SPECIALITY if o != name):
+            if area == "text":  # lower is better
+                difference, low, high = bootstrap_bpb(items[name].blocks, items[other].blocks)
+                versus[other] = {"bpb_difference": difference, "ci_low": low, "ci_high": high, "significant": high < 0}
+            else:
+                difference, low, high = bootstrap_accuracy_difference(items[name].correct[area], items[other].correct[area])
+                versus[other] = {"exact_match_difference": difference, "ci_low": low, "ci_high": high, "significant": low > 0}
+        score = table[name]["text"]["bits_per_byte"] if area == "text" else table[name][area]["exact_match"]
+        speciality[name] = {"area": area, "score": score, "versus": versus,
+                            "best_with_95pct_significance": all(v["significant"] for v in versus.values())}
     return table, speciality

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from services.cognate.phase import SPECIALITY, CognateConfig, CognatePhase
-from services.cognate.scoring import TextBlocks, bootstrap_bpb
+from services.cognate.scoring import TextBlocks, bootstrap_accuracy_difference, bootstrap_bpb
 from shared.checkpoint import save_checkpoint
 from shared.phase import get_phase
 
@@ -48,7 +48,7 @@ def test_report_has_every_curve_and_is_json(micro_result):
     curve = report["curves"]["specialist-tools"]["curve"]
     assert len(curve["train_loss"]) == MICRO["specialist_steps"]
     assert set(curve["eval_loss"]) == {"text", "reasoning", "tools"}
-    assert report["curves"]["specialist-tools"]["mix"]["tools"] == 0.8
+    assert report["curves"]["specialist-tools"]["mix"]["tools"] == 0.75
 
 
 @pytest.mark.unit
@@ -88,16 +88,27 @@ def test_paired_bootstrap_of_bits_per_byte():
     assert bootstrap_bpb(a, a) == (0.0, 0.0, 0.0)
 
 
+@pytest.mark.unit
+def test_paired_bootstrap_of_exact_match():
+    a, b = [True] * 30 + [False] * 70, [False] * 100
+    assert bootstrap_accuracy_difference(a, a) == (0.0, 0.0, 0.0)
+    difference, low, high = bootstrap_accuracy_difference(a, b)
+    assert difference == pytest.approx(0.3) and 0.2 < low < 0.3 < high < 0.4
+    # Agreeing on most problems makes a small difference significant when paired.
+    same = [i % 2 == 0 for i in range(200)]
+    assert bootstrap_accuracy_difference([*same, True, True, True, True, True, True], [*same, *[False] * 6])[1] > 0
+    with pytest.raises(ValueError, match="same problems"):
+        bootstrap_accuracy_difference(a, b[:10])
+
+
 @pytest.mark.slow
 def test_tiny_specialists_beat_the_untrained_model_and_win_their_speciality():
+    """The issue's checks on the default run (what `make run` trains): far better than untrained on held-out
+    bits per byte, well above the majority answer on easy arithmetic, each best on its own speciality."""
     phase = CognatePhase()
     report = phase.transform([], phase.parse_config({"preset": "tiny"})).report
     table = report["table"]
     for name in SPECIALITY:
         assert table[name]["text"]["block_ci_high"] < table["untrained"]["text"]["block_ci_low"] - 1.0
-        assert table[name]["reasoning"]["ci_low"] > table["untrained"]["reasoning"]["ci_high"]
-    assert report["speciality"]["specialist-text"]["best_with_95pct_separation"]
-    assert report["speciality"]["specialist-tools"]["best_with_95pct_separation"]
-    for name in SPECIALITY:  # the reasoning specialist's lead is measured but not yet significant at tiny budgets
-        assert report["speciality"][name]["score"] == table[name][SPECIALITY[name]].get(
-            "exact_match", table[name]["text"]["bits_per_byte"])
+        assert table[name]["arithmetic_easy"]["ci_low"] > 2 * table["majority_baseline"]["arithmetic_easy"]
+        assert report["speciality"][name]["best_with_95pct_significance"], report["speciality"][name]
