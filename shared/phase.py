@@ -19,7 +19,12 @@ from pydantic import BaseModel, ConfigDict
 ENTRY_POINT_GROUP = "agentforge.phases"
 
 # progress(fraction in [0, 1], message); phases call it on long work, the runtime turns it into events.
+# It raises PhaseCancelled when the runtime abandons the phase, so a phase needs no cancellation code of its own.
 ProgressFn = Callable[[float, str], None]
+
+
+class PhaseCancelled(Exception):
+    """Raised inside a phase's transform, from progress(), once its run was abandoned (Ctrl-C)."""
 
 
 def no_progress(fraction: float, message: str) -> None:

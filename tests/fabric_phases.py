@@ -5,12 +5,14 @@ Service processes load them as "tests.fabric_phases:Class" (they are not registe
     ScaleWeights multiplies every weight by a factor
     AddNoise    adds seeded Gaussian noise to every weight
     FineTune    takes a few AdamW steps on a fixed seeded token batch; reports the measured losses
+    Endless     reports progress every 10 ms for a minute and never returns a model: a phase to abandon
 Each reports numbers measured on the model it returns. FineTune takes `hold_s`: it keeps the handler
 busy that long before training, to outlast a shrunk max.poll.interval.ms, and `invocation_log`: a file
 it appends one line to per call, so a test can count how often the transform really ran.
 """
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -136,6 +138,24 @@ class FineTune(Phase):
         with torch.no_grad():
             final = float(forged.model(input_ids=batch, labels=batch).loss)
         return PhaseResult(models, report={"loss_first": losses[0], "loss_final": final, "steps": config.steps})
+
+
+class Endless(Phase):
+    """Sets `started` on entry and `exited` however it leaves, so a test can see the thread stop."""
+
+    name = "fabric_endless"
+    Config = PhaseConfig
+    started, exited = threading.Event(), threading.Event()
+
+    def transform(self, models, config, progress: ProgressFn = no_progress) -> PhaseResult:
+        Endless.started.set()
+        try:
+            for tick in range(6000):
+                progress(tick / 6000, "busy")
+                time.sleep(0.01)
+            raise AssertionError("fabric_endless ran to its end: nobody abandoned it")
+        finally:
+            Endless.exited.set()
 
 
 def spec_for(*phases: type[Phase]) -> list[str]:

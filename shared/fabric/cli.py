@@ -270,6 +270,10 @@ def run_here(settings: Settings, pipeline: pipeline_pb2.PipelineSpec, run_id: st
             run_embedded(pipeline, settings=settings, run_id=run_id or None, on_event=on_event)
         except PipelineFailed as error:
             raise fail(str(error)) from error
+        except KeyboardInterrupt:
+            # Finished phases keep their outputs under deterministic keys: the same command resumes after them.
+            console.print("[yellow]interrupted[/yellow]; run the same command again to go on from the last finished phase")
+            raise typer.Exit(130) from None
     show_run(status)
     return status
 

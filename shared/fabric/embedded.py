@@ -93,6 +93,10 @@ async def run_embedded_async(
             bus, spec, topics=topics, run_id=run_id, source="agentforge-embedded", tracer_provider=tracer_provider
         )
         return await _follow(runs, run_id, serving, on_event)
+    except BaseException:
+        for task in serving:  # Ctrl-C or a failed run: abandon the phases in flight instead of finishing them
+            task.cancel()
+        raise
     finally:
         stop.set()
         for task in serving:

@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ from shared.fabric.storage import MissingObject, ObjectStore
 from shared.fabric.topics import Topics
 from shared.fabric.tracing import TRACER_NAME, extract_context, header_values, inject_context, set_attributes
 from shared.fabric.transport import ChecksumMismatch, download_checkpoint, upload_checkpoint
-from shared.phase import ForgedModel, PhaseConfig, PhaseResult
+from shared.phase import ForgedModel, PhaseCancelled, PhaseConfig, PhaseResult
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +193,14 @@ class PhaseWorker:
         await self._progress(envelope, ready, 0.0, "started")
         with tempfile.TemporaryDirectory(dir=self.work_dir, prefix=f"agentforge-{self.name}-") as tmp:
             models, parents = await asyncio.to_thread(self._load_inputs, ready.inputs, Path(tmp) / "in")
-            progress = self._progress_callback(envelope, ready)
-            result = await asyncio.to_thread(self.phase.transform, models, config, progress)
+            # A thread cannot be cancelled; when this coroutine is, the phase stops at its next progress report.
+            cancelled = threading.Event()
+            progress = self._progress_callback(envelope, ready, cancelled)
+            try:
+                result = await asyncio.to_thread(self.phase.transform, models, config, progress)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
             outputs = await asyncio.to_thread(self._save_outputs, result, config, parents, key, Path(tmp) / "out")
         completed = events_pb2.PhaseCompleted(
             phase=self.name, outputs=outputs, report_json=json.dumps(result.report, sort_keys=True)
@@ -239,12 +246,15 @@ class PhaseWorker:
             refs.append(upload_checkpoint(self.store, target, model_key(key, index, forged.name)))
         return refs
 
-    def _progress_callback(self, envelope: Envelope, ready: events_pb2.ModelReady):
-        """progress(fraction, message) for the phase's thread: hands throttled events to the loop."""
+    def _progress_callback(self, envelope: Envelope, ready: events_pb2.ModelReady, cancelled: threading.Event):
+        """progress(fraction, message) for the phase's thread: hands throttled events to the loop, and
+        raises PhaseCancelled once `cancelled` is set."""
         loop = asyncio.get_running_loop()
         last = [0.0]
 
         def progress(fraction: float, message: str) -> None:
+            if cancelled.is_set():
+                raise PhaseCancelled(f"{self.name} run {envelope.run_id} was abandoned")
             now = time.monotonic()
             if now - last[0] < self.progress_interval_s and fraction < 1.0:
                 return

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from shared.contracts.agentforge.v1 import events_pb2
 from shared.fabric.dlq import DeadLetter, redrive_dead_letters
-from shared.fabric.embedded import run_embedded
+from shared.fabric.embedded import run_embedded, run_embedded_async
 from shared.fabric.events import FailureReason, decode_envelope, new_envelope, pipeline_spec
 from shared.fabric.local_store import LocalStore
 from shared.fabric.memory_bus import InMemoryBus
@@ -21,7 +22,9 @@ from shared.fabric.tracing import tracer_provider
 from shared.fabric.transport import download_checkpoint, pack_checkpoint, upload_checkpoint
 from shared.fabric.worker import PhaseWorker, RetryPolicy
 from shared.settings import Settings
-from tests.fabric_phases import FineTune, ScaleWeights, SeedModel, altered, scale_event, seed_checkpoint, spec_for
+from tests.fabric_phases import (
+    Endless, FineTune, ScaleWeights, SeedModel, altered, scale_event, seed_checkpoint, spec_for,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -226,3 +229,22 @@ def test_redrive_of_a_cause_not_fixed_does_not_loop(stored_input):
     redriven, later = asyncio.run(scenario())
     assert len(redriven) == 1 and len(later) == 1
     assert len(bus.records[TOPICS.dlq]) == 2
+
+
+def test_cancelled_run_abandons_its_phase_at_the_next_progress_report(tmp_path):
+    # Ctrl-C on `agentforge run` cancels the run; the phase's thread must stop too, not train on for minutes.
+    (endless,) = spec_for(Endless)
+
+    async def start_then_cancel():
+        run = asyncio.create_task(run_embedded_async(pipeline_spec([(endless, {})]), store=LocalStore(tmp_path)))
+        while not Endless.started.is_set():
+            assert not run.done(), run.result()
+            await asyncio.sleep(0.02)
+        cancelled_at = time.monotonic()
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        return time.monotonic() - cancelled_at
+
+    assert asyncio.run(start_then_cancel()) < 5  # the phase would keep it busy for a minute
+    assert Endless.exited.wait(timeout=5)
