@@ -91,9 +91,20 @@ def main(
                                parents=parents, metrics=result.report)
     if report is not None:
         report.write_text(json.dumps(result.report, indent=2))
-    summary = {k: result.report[k] for k in ("seed_round", "test_fitness", "lineage", "search_seconds", "evaluations",
+    summary = {k: result.report[k] for k in ("seed_round", "lineage", "search_seconds", "evaluations",
                                              "champion_beats_every_parent_and_uniform_on_test")}
     typer.echo(json.dumps({**summary, "recipe": result.report["champion"]["recipe"], "digest": manifest.digest}, indent=2))
+    _echo_test_table(result.report)
+
+
+def _echo_test_table(report: dict) -> None:
+    typer.echo(f"test split; fitness = {report['fitness']}; margin = champion's fitness minus the row's")
+    typer.echo(f"{'model':22} {'fitness':>8} {'margin':>8} {'bpb':>7} {'tasks':>6}  per task")
+    for name, metrics in report["test"].items():
+        tasks = " ".join(f"{k.split('.')[0]}={v:.3f}" for k, v in metrics.items() if k.endswith((".exact_match", ".acc")))
+        margin = report["champion_margin_on_test"].get(name)
+        typer.echo(f"{name:22} {report['test_fitness'][name]:8.4f} {'' if margin is None else f'{margin:+.4f}':>8} "
+                   f"{metrics.get('text.bits_per_byte', float('nan')):7.4f} {metrics.get('tasks.mean_accuracy', 0.0):6.3f}  {tasks}")
 
 
 if __name__ == "__main__":

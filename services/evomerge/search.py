@@ -1,8 +1,12 @@
 """Evolutionary search for a merge recipe: CMA-ES in parameter space, then over layer paths in data-flow space.
 
 Following mergekit-evolve and Akiba et al. (2024):
-1. Seed round: one recipe per merge technique (uniform weights, density 0.5), each scored; the best
-   technique is the one evolution tunes. This is the "initial population of technique combinations".
+1. Seed round: one recipe per merge technique (uniform weights, density 0.5), and one task-arithmetic
+   recipe per specialist that is that specialist alone (its weight 1, the others 0), each scored; the best
+   is the one evolution tunes. This is the "initial population of technique combinations". The
+   single-specialist seeds are our addition (mergekit-evolve starts at weight 1/n): where merging
+   interferes, the uniform start can lie below the best parent, and CMA-ES should then search around
+   that parent (its weights stay in [0, 1], so "that parent alone" remains expressible).
 2. Parameter space (PS): CMA-ES (`cma`, sigma0 = 1/6 on genes scaled to [0, 1]) over per-layer-group
    weights and densities (or slerp's t), starting from the best seed.
 3. Data-flow space (DFS): CMA-ES over the indicator array of a layer path through [PS champion, best
@@ -27,6 +31,7 @@ import cma
 import numpy as np
 
 from services.evomerge.merge_methods import get_method
+from services.evomerge.merge_methods.dfs import candidate_layers
 from services.evomerge.recipe import DataFlowRecipe, ParameterSpaceRecipe, apply_recipe
 from shared.phase import ForgedModel, ProgressFn, no_progress
 
@@ -85,8 +90,17 @@ class Evaluator:
 # --- seeds -------------------------------------------------------------------------------------------
 
 
-def seed_recipes(methods: list[str], models: list[str], base: str, layer_groups: int, seed: int) -> list[ParameterSpaceRecipe]:
-    """One recipe per technique with its customary starting parameters, identical in every layer group."""
+def specialist_alone(models: list[str], base: str, index: int, layer_groups: int, seed: int) -> ParameterSpaceRecipe:
+    """Task arithmetic that keeps one specialist's task vector whole and drops the others: that specialist."""
+    weights = [1.0 if i == index else 0.0 for i in range(len(models))]
+    return ParameterSpaceRecipe(method="task_arithmetic", models=tuple(models), base=base,
+                                groups=tuple({"weight": list(weights)} for _ in range(layer_groups)), seed=seed)
+
+
+def seed_recipes(methods: list[str], models: list[str], base: str, layer_groups: int, seed: int,
+                 specialists_alone: bool = True) -> list[ParameterSpaceRecipe]:
+    """One recipe per technique with its customary starting parameters, identical in every layer group,
+    then (if asked) each specialist alone as a task-arithmetic recipe."""
     recipes = []
     for name in methods:
         method = get_method(name)
@@ -106,6 +120,8 @@ def seed_recipes(methods: list[str], models: list[str], base: str, layer_groups:
                 groups=tuple(dict(group) for _ in range(layer_groups)), seed=seed,
             )
         )
+    if specialists_alone:
+        recipes += [specialist_alone(models, base, i, layer_groups, seed) for i in range(len(models))]
     return recipes
 
 
@@ -156,10 +172,6 @@ def decode(template: ParameterSpaceRecipe, x: np.ndarray) -> ParameterSpaceRecip
 
 
 # --- data-flow genome ------------------------------------------------------------------------------------
-
-
-def dfs_candidates(layer_counts: list[int], repeats: int) -> list[tuple[int, int]]:
-    return [(m, layer) for _ in range(repeats) for m, count in enumerate(layer_counts) for layer in range(count)]
 
 
 def decode_path(models: tuple, candidates: list[tuple[int, int]], x: np.ndarray) -> DataFlowRecipe:
@@ -241,7 +253,7 @@ def data_flow_search(
     progress: ProgressFn,
 ) -> None:
     models = (ps_champion, partner)
-    candidates = dfs_candidates(layer_counts, repeats)
+    candidates = candidate_layers(layer_counts, repeats)
     # Start on the PS champion's own path: its layers in the first pass, nothing else; scales 1.
     x0 = np.array([0.6 if (i < layer_counts[0]) else 0.4 for i in range(len(candidates))] + [0.5, 0.5])
 

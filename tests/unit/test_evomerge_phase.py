@@ -3,10 +3,19 @@ the report's structure, the split discipline, recipe re-application, and clear e
 from __future__ import annotations
 
 import pytest
+import torch
 from transformers import LlamaForCausalLM
 
-from services.evomerge.phase import EvoMergeConfig, EvoMergePhase
-from services.evomerge.recipe import apply_recipe
+from services.evomerge.phase import (
+    DEFAULT_VALIDATION,
+    EvoMergeConfig,
+    EvoMergePhase,
+    champion_margins,
+    fitness_of,
+    seed_label,
+)
+from services.evomerge.recipe import apply_recipe, weights_of
+from services.evomerge.search import seed_recipes, specialist_alone
 from shared.checkpoint import save_checkpoint
 from shared.phase import ForgedModel, get_phase
 from shared.tokenizer import train_tokenizer
@@ -42,6 +51,28 @@ def test_config_rejects_the_test_split_and_unknown_methods():
     assert EvoMergeConfig().test_suite().split == "test"
 
 
+def test_default_suite_measures_every_cognate_speciality():
+    suites = {suite for suite, _, _ in DEFAULT_VALIDATION.tasks}
+    assert DEFAULT_VALIDATION.text_split == "validation"  # specialist-text
+    assert {"arithmetic", "sequence", "modular", "word_problems"} <= suites  # specialist-reasoning
+    assert "tool_calls" in suites  # specialist-tools
+    assert EvoMergeConfig().validation == DEFAULT_VALIDATION
+
+
+def test_margins_say_where_the_champion_wins():
+    margins = champion_margins({"champion": -2.0, "base": -2.5, "specialist-a": -1.75, "uniform-linear": -2.0})
+    assert margins == {"base": 0.5, "specialist-a": -0.25, "uniform-linear": 0.0}
+
+
+def test_a_specialist_alone_seed_is_that_specialist(inputs):
+    names = [m.name for m in inputs[1:]]
+    seeds = seed_recipes(["linear"], names, "base", layer_groups=2, seed=0)
+    assert [seed_label(r) for r in seeds] == ["linear", *(f"{n} alone" for n in names)]
+    alone = apply_recipe(specialist_alone(names, "base", 1, 2, 0), inputs)
+    for name, tensor in weights_of(alone.model).items():
+        assert torch.allclose(tensor, weights_of(inputs[2].model)[name], atol=1e-6), name
+
+
 def test_missing_base_or_mismatched_models_fail_clearly(inputs):
     phase = EvoMergePhase()
     config = phase.parse_config(SMALL)
@@ -63,13 +94,20 @@ def test_transform_reports_a_reapplicable_champion(inputs, tmp_path):
     report = result.report
     stages = [g["stage"] for g in report["fitness_per_generation"]]
     assert stages[0] == "seed" and "parameter_space" in stages and "data_flow" in stages
-    assert {e["method"] for e in report["seed_round"]} == {"linear", "ties"}
-    assert set(report["test"]) == {"champion", "base", "specialist-a", "specialist-b", "specialist-c", "uniform-linear"}
+    assert [e["seed"] for e in report["seed_round"]] == [
+        "linear", "ties", "specialist-a alone", "specialist-b alone", "specialist-c alone"]
+    rivals = {"base", "specialist-a", "specialist-b", "specialist-c", "uniform-linear"}
+    assert set(report["test"]) == {"champion", *rivals}
     assert all(metrics["eval.split"] == "test" for metrics in report["test"].values())
     assert report["champion"]["validation"]["eval.split"] == "validation"
     best_validation = max(g["best"] for g in report["fitness_per_generation"])
     assert report["champion"]["validation_fitness"] == best_validation
-    assert isinstance(report["champion_beats_every_parent_and_uniform_on_test"], bool)
+    # The test table compares the champion with every parent and the uniform merge, from measured fitness.
+    fitness = report["test_fitness"]
+    assert fitness["champion"] == fitness_of(report["test"]["champion"], config.bpb_weight)
+    assert report["champion_margin_on_test"] == {n: fitness["champion"] - fitness[n] for n in rivals}
+    assert report["champion_beats_every_parent_and_uniform_on_test"] == all(
+        fitness["champion"] > fitness[n] for n in rivals)
 
     champion = result.models[0]
     again = apply_recipe(report["champion"]["recipe"], inputs, name=champion.name)

@@ -64,11 +64,15 @@ def ties_recipe(weights, densities=(1.0, 1.0, 1.0)) -> ParameterSpaceRecipe:
 
 
 def test_seed_recipes_cover_the_techniques_that_fit():
-    recipes = seed_recipes(["linear", "slerp", "ties", "model_stock"], NAMES, "base", layer_groups=2, seed=0)
+    recipes = seed_recipes(["linear", "slerp", "ties", "model_stock"], NAMES, "base", layer_groups=2, seed=0,
+                           specialists_alone=False)
     assert [r.method for r in recipes] == ["linear", "ties", "model_stock"]  # slerp blends two models only
     ties = recipes[1]
     assert ties.base == "base" and len(ties.groups) == 2 and ties.groups[0]["density"] == [0.5] * 3
     assert recipes[0].base is None
+    alone = seed_recipes(["linear"], NAMES, "base", layer_groups=2, seed=0)[1:]
+    assert [r.groups for r in alone] == [({"weight": w}, {"weight": w}) for w in ([1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0])]
+    assert decode(alone[1], encode(alone[1])) == alone[1]  # a specialist alone is a point of the genome
 
 
 def test_genome_round_trip():
