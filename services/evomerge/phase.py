@@ -33,14 +33,16 @@ from shared.phase import ForgedModel, Phase, PhaseConfig, PhaseResult, ProgressF
 
 
 # Cognate's specialities (services/cognate/mixes.py: reasoning suites at level 1, tool calls at levels 1-2).
-# 40 problems a task: enough that one problem moves a task by 2.5 points, few enough that a candidate
-# scores in seconds (greedy generation is most of the cost; answers take at most 12 tokens, hence 16).
+# 80 problems a task: the search keeps the best of ~50-100 noisy scores, so a small sample rewards luck
+# that the test split does not repeat (measured with 40: a +0.015 validation gain over the text specialist
+# shrank to +0.003 on test); with 80 a candidate still scores in seconds on 2 cores (greedy generation is
+# most of the cost; answers take at most 12 tokens of our tokenizer, hence 16 new tokens).
 SPECIALITY_TASKS = (
-    ("arithmetic", 1, 40),
-    ("sequence", 1, 40),
-    ("modular", 1, 40),
-    ("word_problems", 1, 40),
-    ("tool_calls", 2, 40),
+    ("arithmetic", 1, 80),
+    ("sequence", 1, 80),
+    ("modular", 1, 80),
+    ("word_problems", 1, 80),
+    ("tool_calls", 2, 80),
 )
 DEFAULT_VALIDATION = EvalSuite(split="validation", text_split="validation", tasks=SPECIALITY_TASKS, max_new_tokens=16)
 

@@ -96,6 +96,11 @@ def test_parameter_space_search_finds_the_weights_of_a_known_merge(parents):
     assert champion.fitness > start_fitness / 20  # the error shrank more than twentyfold
     found = champion.recipe.groups[0]["weight"]
     assert np.allclose(found, [0.7, 0.1, 0.2], atol=0.08), found
+    # Where a merge is the right answer, the champion beats every parent and the uniform merge on the score.
+    score = closeness_to(target)
+    uniform = ParameterSpaceRecipe(method="linear", models=tuple(NAMES), groups=({"weight": [1.0] * 3},))
+    rivals = [*parents, apply_recipe(uniform, parents)]
+    assert all(champion.fitness > score(rival)[0] for rival in rivals)
     generations = [g for g in log.generations if g["stage"] == "parameter_space"]
     assert len(generations) == 25 and all(g["best"] is not None for g in generations)
 
