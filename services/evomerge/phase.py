@@ -127,7 +127,7 @@ def _check_parents(models: list[ForgedModel], base_name: str) -> tuple[ForgedMod
 
 class EvoMergePhase(Phase):
     name = "evomerge"
-    version = "1"
+    version = "2"  # 2: the speciality suite, specialist-alone seeds, DFS started near the PS champion
     Config = EvoMergeConfig
 
     def transform(self, models: list[ForgedModel], config: EvoMergeConfig, progress: ProgressFn = no_progress) -> PhaseResult:
