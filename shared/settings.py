@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     grpc_addr: str = "127.0.0.1:50051"  # control service
     health_addr: str = "127.0.0.1:8080"  # each phase service's health endpoint
 
+    # Whether a pipeline step may name its phase as "module:Class" instead of a registered name. Off by default:
+    # steps arrive in events and gRPC requests, and importing a module they name runs that module's code.
+    allow_module_phases: bool = False
+
 
 def load_settings(**overrides) -> Settings:
     return Settings(**overrides)

@@ -12,6 +12,7 @@ it appends one line to per call, so a test can count how often the transform rea
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -21,6 +22,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from shared.phase import ForgedModel, Phase, PhaseConfig, PhaseResult, ProgressFn, no_progress
 from shared.tokenizer import train_tokenizer
+
+# These phases are loaded as "module:Class", which the fabric refuses unless told otherwise; service
+# processes started by tests and benchmarks inherit the setting.
+os.environ["AGENTFORGE_ALLOW_MODULE_PHASES"] = "true"
 
 CORPUS = [f"the forge turns {n} models into one smaller model, step {n * 7 % 13}" for n in range(200)]
 

@@ -15,6 +15,7 @@ from shared.fabric.dlq import DeadLetter, redrive_dead_letters
 from shared.fabric.embedded import run_embedded, run_embedded_async
 from shared.fabric.events import FailureReason, decode_envelope, new_envelope, pipeline_spec
 from shared.fabric.local_store import LocalStore
+from shared.fabric.phases import load_phase
 from shared.fabric.memory_bus import InMemoryBus
 from shared.fabric.pipeline import publish_envelope
 from shared.fabric.topics import Topics
@@ -248,3 +249,19 @@ def test_cancelled_run_abandons_its_phase_at_the_next_progress_report(tmp_path):
 
     assert asyncio.run(start_then_cancel()) < 5  # the phase would keep it busy for a minute
     assert Endless.exited.wait(timeout=5)
+
+
+def test_module_phases_are_refused_unless_allowed(tmp_path, monkeypatch):
+    # A step's phase comes from events and gRPC requests; naming a module must not get it imported.
+    (tmp_path / "module_with_side_effect.py").write_text(
+        "from pathlib import Path\nPath(__file__).with_suffix('.imported').touch()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("AGENTFORGE_ALLOW_MODULE_PHASES", "false")
+    with pytest.raises(LookupError, match="module phases are off"):
+        load_phase("module_with_side_effect:Anything")
+    assert not (tmp_path / "module_with_side_effect.imported").exists()
+    monkeypatch.setenv("AGENTFORGE_ALLOW_MODULE_PHASES", "true")
+    with pytest.raises(LookupError, match="cannot load phase"):
+        load_phase("module_with_side_effect:Anything")
+    assert (tmp_path / "module_with_side_effect.imported").exists()
