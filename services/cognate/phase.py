@@ -43,15 +43,15 @@ class Specialist(BaseModel):
 
 DEFAULT_SPECIALISTS = (
     Specialist(name="specialist-reasoning", mix={"text": 0.1, "reasoning": 0.8, "tools": 0.1}, learning_rate=2e-3, seed=11),
-    Specialist(name="specialist-text", mix={"text": 0.75, "reasoning": 0.15, "tools": 0.1}, learning_rate=3e-3, seed=12),
-    Specialist(name="specialist-tools", mix={"text": 0.1, "reasoning": 0.15, "tools": 0.75}, learning_rate=1.5e-3, seed=13),
+    Specialist(name="specialist-text", mix={"text": 0.7, "reasoning": 0.2, "tools": 0.1}, learning_rate=3e-3, seed=12),
+    Specialist(name="specialist-tools", mix={"text": 0.1, "reasoning": 0.2, "tools": 0.7}, learning_rate=1.5e-3, seed=13),
 )
 
 
 class CognateConfig(PhaseConfig):
     preset: str = "tiny"
     base_steps: int = Field(300, ge=1)
-    base_mix: dict[str, float] = {"text": 0.4, "reasoning": 0.35, "tools": 0.25}
+    base_mix: dict[str, float] = {"text": 0.35, "reasoning": 0.45, "tools": 0.2}
     base_learning_rate: float = Field(3e-3, gt=0)
     specialist_steps: int = Field(150, ge=1)
     specialists: tuple[Specialist, ...] = DEFAULT_SPECIALISTS

@@ -48,7 +48,7 @@ def test_report_has_every_curve_and_is_json(micro_result):
     curve = report["curves"]["specialist-tools"]["curve"]
     assert len(curve["train_loss"]) == MICRO["specialist_steps"]
     assert set(curve["eval_loss"]) == {"text", "reasoning", "tools"}
-    assert report["curves"]["specialist-tools"]["mix"]["tools"] == 0.75
+    assert report["curves"]["specialist-tools"]["mix"]["tools"] == 0.7
 
 
 @pytest.mark.unit
@@ -104,11 +104,12 @@ def test_paired_bootstrap_of_exact_match():
 @pytest.mark.slow
 def test_tiny_specialists_beat_the_untrained_model_and_win_their_speciality():
     """The issue's checks on the default run (what `make run` trains): far better than untrained on held-out
-    bits per byte, well above the majority answer on easy arithmetic, each best on its own speciality."""
+    bits per byte, easy arithmetic's 95% interval above the majority answer, each best on its own speciality
+    with every paired 95% interval excluding zero."""
     phase = CognatePhase()
     report = phase.transform([], phase.parse_config({"preset": "tiny"})).report
     table = report["table"]
     for name in SPECIALITY:
         assert table[name]["text"]["block_ci_high"] < table["untrained"]["text"]["block_ci_low"] - 1.0
-        assert table[name]["arithmetic_easy"]["ci_low"] > 2 * table["majority_baseline"]["arithmetic_easy"]
+        assert table[name]["arithmetic_easy"]["ci_low"] > table["majority_baseline"]["arithmetic_easy"]
         assert report["speciality"][name]["best_with_95pct_significance"], report["speciality"][name]
