@@ -5,19 +5,13 @@ report (curves included) to --report.
 """
 from __future__ import annotations
 
-import os
+import json
+from pathlib import Path
 
-# Busy-waiting OpenMP threads collapse throughput when other processes share the cores (measured here:
-# 2 threads ran 6x slower than 1 under load until told to sleep instead of spin). Must precede torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import typer
 
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import typer  # noqa: E402
-
-from services.cognate.phase import CognatePhase  # noqa: E402
-from shared.checkpoint import save_checkpoint  # noqa: E402
+from services.cognate.phase import CognatePhase
+from shared.checkpoint import save_checkpoint
 
 cli = typer.Typer(add_completion=False)
 
