@@ -154,7 +154,7 @@ def bits_per_byte(
     prefix = prefix_token_id(tokenizer)
     requests: list[Request] = []
     for document in documents:
-        tokens = tokenizer(document, add_special_tokens=False)["input_ids"]
+        tokens = tokenizer(document, add_special_tokens=False, verbose=False)["input_ids"]  # scored in windows
         requests.extend(rolling_windows(tokens, prefix, max_length))
     loglikelihood = math.fsum(_continuation_logprobs(model, requests, batch_size))
     n_bytes = sum(len(document.encode("utf-8")) for document in documents)

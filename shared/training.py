@@ -98,7 +98,7 @@ def pack_rows(token_lists: Iterable[Sequence[int]], seq_len: int, eos_id: int) -
 
 def encode_texts(tokenizer, texts: Iterable[str], seq_len: int) -> list[Row]:
     """Tokenise texts (no special tokens added by the tokenizer) and pack them into rows."""
-    token_lists = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    token_lists = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]  # cut into rows below
     return pack_rows(token_lists, seq_len, tokenizer.eos_token_id)
 
 

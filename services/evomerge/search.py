@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import cma
+with warnings.catch_warnings():  # cma's optional plotting needs matplotlib; we never plot
+    warnings.filterwarnings("ignore", "Could not import matplotlib.pyplot", UserWarning)
+    import cma
 import numpy as np
 
 from services.evomerge.merge_methods import get_method
