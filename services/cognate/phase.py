@@ -99,6 +99,7 @@ class CognatePhase(Phase):
             forged, report, untrained = _train(config, progress)
         if config.score:
             report["table"], report["speciality"] = _score(forged, untrained, progress)
+            report["summary"] = _summary(report["table"], report["speciality"])
         progress(1.0, "cognate done")
         return PhaseResult(models=forged, report=report)
 
@@ -150,6 +151,18 @@ def _train(config: CognateConfig, progress: ProgressFn) -> tuple[list[ForgedMode
         "specialists_seconds": round(specialist_seconds, 2),
     }
     return forged, report, ForgedModel(untrained, tokenizer, "untrained")
+
+
+def _summary(table: dict, speciality: dict) -> dict:
+    """The headline numbers: test bits per byte of every model, each specialist's score on its speciality."""
+    summary = {f"{name}.test_bpb": round(row["text"]["bits_per_byte"], 4)
+               for name, row in table.items() if name != "majority_baseline"}
+    for name, won in speciality.items():
+        if won["area"] != "text":  # the text specialist's score is its test_bpb, already above
+            summary[f"{name}.{won['area']}_exact_match"] = round(won["score"], 4)
+    summary["each_specialist_best_on_its_speciality"] = all(
+        won["best_with_95pct_significance"] for won in speciality.values())
+    return summary
 
 
 def _score(forged: list[ForgedModel], untrained: ForgedModel | None, progress: ProgressFn) -> tuple[dict, dict]:

@@ -206,5 +206,11 @@ class EvoMergePhase(Phase):
             "evaluations": len(evaluator.cache),
             "search_seconds": search_seconds,
             "workers": config.workers,
+            "summary": {
+                "champion": f"{champion.stage} {getattr(champion.recipe, 'method', 'layer path')}",
+                "champion.test_fitness": round(test_fitness["champion"], 4),
+                "smallest_margin_on_test": round(min(margins.values()), 4),
+                "champion_beats_every_parent_and_uniform_on_test": all(margin > 0 for margin in margins.values()),
+            },
         }
         return PhaseResult(models=[merged], report=report)

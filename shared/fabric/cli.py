@@ -7,6 +7,7 @@ service when one answers on Settings.grpc_addr; without one, `start` publishes s
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -161,6 +162,16 @@ def _when(timestamp) -> str:
     return timestamp.ToDatetime().strftime("%Y-%m-%d %H:%M:%S") if timestamp.ToNanoseconds() else "-"
 
 
+def report_summary(report_json: str) -> str:
+    """A phase report's headline numbers ("summary"), or its top-level scalars; the whole report is in
+    each output checkpoint's manifest.json."""
+    if not report_json:
+        return ""
+    report = json.loads(report_json)
+    headline = report.get("summary") or {k: v for k, v in report.items() if isinstance(v, (str, int, float, bool))}
+    return "\n".join(f"{key}: {value}" for key, value in headline.items())
+
+
 def show_run(status: RunStatus) -> None:
     console.print(f"[bold]run {status.run_id}[/bold] {status.spec.name}: {state_name(status.state)}")
     table = Table("step", "phase", "state", "report")
@@ -169,7 +180,7 @@ def show_run(status: RunStatus) -> None:
         state = step_state(status, index)
         if state == "running":
             state = f"running {status.current_fraction:.0%}: {status.message}"
-        table.add_row(str(index), step.phase, state, reports.get(index, ""))
+        table.add_row(str(index), step.phase, state, report_summary(reports.get(index, "")))
     console.print(table)
     if status.HasField("failure"):
         f = status.failure

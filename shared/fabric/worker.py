@@ -137,6 +137,7 @@ class PhaseWorker:
                 "agentforge.output_digests": [ref.digest for ref in completed.outputs],
                 "agentforge.reused": completed.reused,
                 **{f"agentforge.metric.{k}": v for k, v in report.items()},
+                **{f"agentforge.metric.{k}": v for k, v in report.get("summary", {}).items()},
             })
             await self._publish_next(envelope, ready, completed)
 

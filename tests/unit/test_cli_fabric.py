@@ -60,7 +60,7 @@ def test_run_then_status_watch_and_replay_embedded(env):
     code, out = invoke("status")
     assert code == 0 and "first" in out and "completed" in out
     code, out = invoke("status", "first")
-    assert code == 0 and out.count("done") == 2
+    assert code == 0 and out.count("done") == 2 and "norm_after" in out  # the reports' scalars
     code, out = invoke("watch", "first")  # a finished run: the bars fill and it returns
     assert code == 0 and "completed" in out
 
@@ -156,3 +156,10 @@ def test_span_summary_reads_jaeger_otlp_json():
         ("agentforge-scale", "fabric_scale", "01", True),
     ]
     assert [s["duration_ms"] for s in summary] == [1.5, 6.0]
+
+
+def test_a_report_shows_its_summary_or_else_its_top_level_scalars():
+    report = {"summary": {"qat.test_bpb": 2.57, "packed_file_bytes": 1255028}, "curve": [1.0, 0.5], "sizes": {}}
+    assert fabric_cli.report_summary(json.dumps(report)) == "qat.test_bpb: 2.57\npacked_file_bytes: 1255028"
+    assert fabric_cli.report_summary(json.dumps({"steps": 3, "curve": [1.0], "tag": "x"})) == "steps: 3\ntag: x"
+    assert fabric_cli.report_summary("") == ""

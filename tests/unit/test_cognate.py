@@ -113,3 +113,5 @@ def test_tiny_specialists_beat_the_untrained_model_and_win_their_speciality():
         assert table[name]["text"]["block_ci_high"] < table["untrained"]["text"]["block_ci_low"] - 1.0
         assert table[name]["arithmetic_easy"]["ci_low"] > table["majority_baseline"]["arithmetic_easy"]
         assert report["speciality"][name]["best_with_95pct_significance"], report["speciality"][name]
+        assert report["summary"][f"{name}.test_bpb"] == round(table[name]["text"]["bits_per_byte"], 4)
+    assert report["summary"]["each_specialist_best_on_its_speciality"] is True

@@ -108,6 +108,9 @@ def test_transform_reports_a_reapplicable_champion(inputs, tmp_path):
     assert report["champion_margin_on_test"] == {n: fitness["champion"] - fitness[n] for n in rivals}
     assert report["champion_beats_every_parent_and_uniform_on_test"] == all(
         fitness["champion"] > fitness[n] for n in rivals)
+    assert report["summary"]["champion_beats_every_parent_and_uniform_on_test"] == all(
+        fitness["champion"] > fitness[n] for n in rivals)
+    assert report["summary"]["smallest_margin_on_test"] == round(min(report["champion_margin_on_test"].values()), 4)
 
     champion = result.models[0]
     again = apply_recipe(report["champion"]["recipe"], inputs, name=champion.name)
