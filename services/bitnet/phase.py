@@ -187,12 +187,13 @@ class BitNetPhase(Phase):
         report["float_file_bytes"] = float_bytes
         report["sizes"] = _size_reports(model, float_bytes)
         report["packing"] = config.packing
+        packed_size = report["sizes"][config.packing]
         report["summary"] = {
             **{f"{name}.test_bpb": round(report[name]["text.bits_per_byte"], 4)
                for name in ("float", "float_finetuned", "naive_ternary", "qat")
                if "text.bits_per_byte" in report.get(name, {})},  # absent where the eval suite has no text
-            "ternary_bits_per_weight": round(report["sizes"][config.packing]["ternary_bits_per_weight"], 4),
-            "packed_file_bytes": report["sizes"][config.packing]["file_bytes"],
+            "ternary_bits_per_weight": round(packed_size["ternary_bits_per_weight"], 4),
+            "packed_file_bytes": packed_size["file_bytes"],
             "float_file_bytes": float_bytes,
         }
         progress(1.0, "packed")

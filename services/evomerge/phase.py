@@ -8,8 +8,10 @@ split, which the search never sees, with the champion's margin over each of them
 The default suite measures what Cognate's specialists were trained for, so that a merge has something to
 combine: bits per byte (specialist-text), the level-1 reasoning suites (specialist-reasoning) and level-2
 calculator calls (specialist-tools). A suite of tasks no parent learned scores every candidate at chance,
-leaving bits per byte alone to decide, where the text specialist is best and no merge can beat it. Output: the champion, whose report carries its recipe (JSON that
-apply_recipe re-applies to the same parents), fitness per generation and lineage.
+leaving bits per byte alone to decide, where the text specialist is best and no merge can beat it.
+
+Output: the champion, whose report carries its recipe (JSON that apply_recipe re-applies to the same
+parents), fitness per generation and lineage.
 """
 from __future__ import annotations
 
@@ -177,6 +179,7 @@ class EvoMergePhase(Phase):
                 for m in [merged, *parents, uniform]}
         test_fitness = {name: fitness_of(metrics, config.bpb_weight) for name, metrics in test.items()}
         margins = champion_margins(test_fitness)
+        beats_all = all(margin > 0 for margin in margins.values())
         progress(1.0, f"champion: {champion.stage} fitness {champion.fitness:.4f}")
 
         report = {
@@ -202,7 +205,7 @@ class EvoMergePhase(Phase):
             "test": test,
             "test_fitness": test_fitness,
             "champion_margin_on_test": margins,
-            "champion_beats_every_parent_and_uniform_on_test": all(margin > 0 for margin in margins.values()),
+            "champion_beats_every_parent_and_uniform_on_test": beats_all,
             "evaluations": len(evaluator.cache),
             "search_seconds": search_seconds,
             "workers": config.workers,
@@ -210,7 +213,7 @@ class EvoMergePhase(Phase):
                 "champion": f"{champion.stage} {getattr(champion.recipe, 'method', 'layer path')}",
                 "champion.test_fitness": round(test_fitness["champion"], 4),
                 "smallest_margin_on_test": round(min(margins.values()), 4),
-                "champion_beats_every_parent_and_uniform_on_test": all(margin > 0 for margin in margins.values()),
+                "champion_beats_every_parent_and_uniform_on_test": beats_all,
             },
         }
         return PhaseResult(models=[merged], report=report)
