@@ -31,6 +31,19 @@ def no_progress(fraction: float, message: str) -> None:
     pass
 
 
+def print_every_percent(echo: Callable[[str], None] = print) -> ProgressFn:
+    """A progress callback for command lines: echoes "[ 42%] message" at most once per percent of the run."""
+    last = -1
+
+    def show(fraction: float, message: str) -> None:
+        nonlocal last
+        if int(fraction * 100) > last:
+            last = int(fraction * 100)
+            echo(f"[{fraction:4.0%}] {message}")
+
+    return show
+
+
 class PhaseConfig(BaseModel):
     """Base for every phase's config: frozen, and unknown keys are an error, not a silent default."""
 

@@ -150,7 +150,9 @@ def _optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.optim.Ad
 
 
 def _check_sources(sources: Mapping[str, Sequence[Row]], mix: Mapping[str, float]) -> list[str]:
-    names = [name for name, weight in mix.items() if weight > 0]
+    # Sorted: the same mix must draw the same batches whatever its key order. A config read back from
+    # JSON (a pipeline event) has its keys sorted, and a run from that must equal one from the Python default.
+    names = sorted(name for name, weight in mix.items() if weight > 0)
     if not names:
         raise ValueError("the data mix needs at least one source with a positive weight")
     for name in names:

@@ -12,6 +12,7 @@ import typer
 
 from services.cognate.phase import CognatePhase
 from shared.checkpoint import save_checkpoint
+from shared.phase import print_every_percent
 
 cli = typer.Typer(add_completion=False)
 
@@ -33,18 +34,6 @@ def _table_lines(report: dict) -> list[str]:
     return lines
 
 
-def _every_percent():
-    """A progress callback that prints at most once per percent of the run."""
-    last = [-1]
-
-    def show(fraction: float, message: str) -> None:
-        if int(fraction * 100) > last[0]:
-            last[0] = int(fraction * 100)
-            typer.echo(f"[{fraction:4.0%}] {message}")
-
-    return show
-
-
 @cli.command()
 def main(
     preset: str = typer.Option("tiny", help="model preset (tiny or small)"),
@@ -54,7 +43,7 @@ def main(
 ) -> None:
     phase = CognatePhase()
     config = phase.parse_config({"preset": preset, **json.loads(config_json)})
-    result = phase.transform([], config, _every_percent())
+    result = phase.transform([], config, print_every_percent(typer.echo))
     if out is not None:
         for forged in result.models:
             save_checkpoint(forged, out / forged.name, phase=phase.name, code_version=phase.version,

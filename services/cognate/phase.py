@@ -15,14 +15,8 @@ import copy
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.cognate.mixes import SOURCES, source_rows, tokenizer_corpus
-from services.cognate.scoring import (
-    EASY_ARITHMETIC,
-    bootstrap_accuracy_difference,
-    bootstrap_bpb,
-    majority_baseline,
-    score_model,
-    text_blocks,
-)
+from services.cognate.scoring import EASY_ARITHMETIC, majority_baseline, score_model
+from shared.comparison import bootstrap_accuracy_difference, bootstrap_bpb, text_blocks
 from shared.models import build_model, count_parameters, get_preset, import_weights
 from shared.phase import ForgedModel, Phase, PhaseConfig, PhaseResult, ProgressFn, no_progress
 from shared.tokenizer import train_tokenizer

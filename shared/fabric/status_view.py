@@ -238,6 +238,8 @@ class FaustStatusView(StatusView):
             f"{topics.prefix}-status",
             broker=f"kafka://{settings.kafka_bootstrap}",
             store="memory://",  # rebuilt from the changelog on start; the view is small
+            # faust writes table metadata under its datadir, by default "<app id>-data" in the working directory.
+            datadir=str(settings.cache_dir / "faust" / f"{topics.prefix}-status"),
             web_enabled=False,
             web_bind="127.0.0.1",
             web_host="127.0.0.1",

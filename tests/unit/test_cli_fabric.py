@@ -77,7 +77,7 @@ def test_bad_specs_are_refused_with_the_reason(env, tmp_path):
         "steps:\n  - phase: no_such_phase\n": "no phase named 'no_such_phase'",
         f"steps:\n  - phase: {SCALE}\n    config: {{factor: many}}\n": "invalid config",
         f"steps:\n  - phase: {SCALE}\n    config: {{fctor: 2}}\n": "fctor",
-        f"name: x\nsteps: []\n": "no steps",
+        "name: x\nsteps: []\n": "no steps",
         f"stages:\n  - phase: {SCALE}\n": "stages",
         "steps: [\n": "cannot read spec",
     }

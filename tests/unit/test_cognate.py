@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from services.cognate.phase import SPECIALITY, CognateConfig, CognatePhase
-from services.cognate.scoring import TextBlocks, bootstrap_accuracy_difference, bootstrap_bpb
 from shared.checkpoint import save_checkpoint
+from shared.comparison import TextBlocks, bootstrap_accuracy_difference, bootstrap_bpb
 from shared.phase import get_phase
 
 MICRO = {"base_steps": 3, "specialist_steps": 2, "batch_size": 2, "warmup_steps": 1, "eval_every": 2,

@@ -12,11 +12,13 @@ from services.evomerge.phase import (
     EvoMergePhase,
     champion_margins,
     fitness_of,
+    margin_interval,
     seed_label,
 )
 from services.evomerge.recipe import apply_recipe, weights_of
 from services.evomerge.search import seed_recipes, specialist_alone
 from shared.checkpoint import save_checkpoint
+from shared.comparison import LOG2, ItemScores, TextBlocks
 from shared.phase import ForgedModel, get_phase
 from shared.tokenizer import train_tokenizer
 from tests.unit.test_merge_methods import tiny_config, tiny_family
@@ -25,8 +27,9 @@ pytestmark = pytest.mark.unit
 
 # No bits per byte here: rolling windows over two plays cost minutes on a loaded 2-core machine.
 SUITE = {"text_split": None, "tasks": [["multiple_choice", 1, 4]]}
+TEST_SUITE = {"split": "test", "text_split": None, "tasks": [["multiple_choice", 1, 6]]}
 SMALL = {"generations": 1, "population": 2, "dfs_generations": 1, "dfs_population": 2,
-         "seed_methods": ["linear", "ties"], "validation": SUITE}
+         "seed_methods": ["linear", "ties"], "validation": SUITE, "test": TEST_SUITE}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +51,10 @@ def test_config_rejects_the_test_split_and_unknown_methods():
         EvoMergeConfig.model_validate({"validation": {"split": "test"}})
     with pytest.raises(ValueError, match="no merge method named 'tie'"):
         EvoMergeConfig.model_validate({"seed_methods": ["tie"]})
-    assert EvoMergeConfig().test_suite().split == "test"
+    with pytest.raises(ValueError, match="scored on the test split"):
+        EvoMergeConfig.model_validate({"test": {"split": "validation"}})
+    with pytest.raises(ValueError, match="must measure what the validation suite does"):
+        EvoMergeConfig.model_validate({"validation": SUITE})
 
 
 def test_default_suite_measures_every_cognate_speciality():
@@ -62,6 +68,16 @@ def test_default_suite_measures_every_cognate_speciality():
 def test_margins_say_where_the_champion_wins():
     margins = champion_margins({"champion": -2.0, "base": -2.5, "specialist-a": -1.75, "uniform-linear": -2.0})
     assert margins == {"base": 0.5, "specialist-a": -0.25, "uniform-linear": 0.0}
+
+
+def test_margin_interval_pairs_text_blocks_and_problems():
+    champion = ItemScores(TextBlocks([-100.0, -200.0], [100, 200]), {("arithmetic", 1): [True] * 8 + [False] * 2})
+    rival = ItemScores(TextBlocks([-110.0, -220.0], [100, 200]), {("arithmetic", 1): [True] * 5 + [False] * 5})
+    interval = margin_interval(champion, rival, bpb_weight=1.0)
+    # 3 more problems right of 10, and 30 fewer nats over 300 bytes.
+    assert interval["margin"] == pytest.approx(0.3 + 30 / 300 / LOG2)
+    assert 0 < interval["ci_low"] <= interval["margin"] <= interval["ci_high"]
+    assert margin_interval(champion, champion, bpb_weight=1.0) == {"margin": 0.0, "ci_low": 0.0, "ci_high": 0.0}
 
 
 def test_a_specialist_alone_seed_is_that_specialist(inputs):
@@ -111,6 +127,12 @@ def test_transform_reports_a_reapplicable_champion(inputs, tmp_path):
     assert report["summary"]["champion_beats_every_parent_and_uniform_on_test"] == all(
         fitness["champion"] > fitness[n] for n in rivals)
     assert report["summary"]["smallest_margin_on_test"] == round(min(report["champion_margin_on_test"].values()), 4)
+    # Without text, the paired interval's point estimate is the table's margin; the interval holds it.
+    for name, interval in report["champion_margin_on_test_95pct"].items():
+        assert interval["margin"] == pytest.approx(report["champion_margin_on_test"][name], abs=1e-12)
+        assert interval["ci_low"] <= interval["margin"] <= interval["ci_high"]
+    assert report["champion_beats_every_parent_and_uniform_with_95pct_significance"] == all(
+        i["ci_low"] > 0 for i in report["champion_margin_on_test_95pct"].values())
 
     champion = result.models[0]
     again = apply_recipe(report["champion"]["recipe"], inputs, name=champion.name)

@@ -67,15 +67,22 @@ def test_training_lowers_held_out_loss_and_records_the_curve(data):
 def test_same_seed_and_data_give_the_same_weights(data):
     tokenizer, rows = data
 
-    def trained(seed: int):
+    half = len(rows) // 2
+    sources = {"sums": rows[:half], "cats": rows[half:]}
+
+    def trained(seed: int, mix: dict[str, float]):
         model = build_model("tiny", len(tokenizer), 0, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         config = MICRO.model_copy(update={"steps": 8, "seed": seed})
-        train_causal_lm(model, {"all": rows}, {"all": 1.0}, config, pad_id=tokenizer.pad_token_id)
+        train_causal_lm(model, sources, mix, config, pad_id=tokenizer.pad_token_id)
         return model.state_dict()
 
-    a, b, c = trained(1), trained(1), trained(2)
+    mix = {"sums": 0.7, "cats": 0.3}
+    a, b, c = trained(1, mix), trained(1, mix), trained(2, mix)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+    # A config read back from JSON has its keys sorted; the same mix must train the same model.
+    reordered = trained(1, {"cats": 0.3, "sums": 0.7})
+    assert all(torch.equal(a[k], reordered[k]) for k in a)
 
 
 def test_bad_config_and_mix_fail_clearly(data):
