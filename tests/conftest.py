@@ -13,3 +13,13 @@ def eager_torch():
     minute of compiling."""
     with torch.compiler.set_stance("force_eager"):
         yield
+
+
+@pytest.fixture(scope="session")
+def tiny_cognate():
+    """Cognate on its defaults, as `make run` trains it (about 5 minutes): the base and three specialists
+    with the scored report. Shared by the slow tests of Cognate and of the phases that take its models."""
+    from services.cognate.phase import CognatePhase
+
+    phase = CognatePhase()
+    return phase.transform([], phase.parse_config({"preset": "tiny"}))

@@ -102,12 +102,11 @@ def test_paired_bootstrap_of_exact_match():
 
 
 @pytest.mark.slow
-def test_tiny_specialists_beat_the_untrained_model_and_win_their_speciality():
+def test_tiny_specialists_beat_the_untrained_model_and_win_their_speciality(tiny_cognate):
     """The issue's checks on the default run (what `make run` trains): far better than untrained on held-out
     bits per byte, easy arithmetic's 95% interval above the majority answer, each best on its own speciality
     with every paired 95% interval excluding zero."""
-    phase = CognatePhase()
-    report = phase.transform([], phase.parse_config({"preset": "tiny"})).report
+    report = tiny_cognate.report
     table = report["table"]
     for name in SPECIALITY:
         assert table[name]["text"]["block_ci_high"] < table["untrained"]["text"]["block_ci_low"] - 1.0

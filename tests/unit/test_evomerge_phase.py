@@ -139,3 +139,18 @@ def test_transform_reports_a_reapplicable_champion(inputs, tmp_path):
     digests = [save_checkpoint(m, tmp_path / str(i), phase="evomerge", code_version="1", config={}, config_hash="",
                                parents=[]).digest for i, m in enumerate([champion, again])]
     assert digests[0] == digests[1]
+
+
+@pytest.mark.slow
+def test_champion_beats_every_tiny_cognate_parent_on_test(tiny_cognate, tmp_path):
+    """The issue's check on what `make run` merges (about 5 minutes after Cognate): on the test split the
+    search never saw, the champion beats every parent and the uniform merge, each paired 95% interval of
+    its margin above zero; its recipe re-applied to the parents gives the same checkpoint."""
+    phase = EvoMergePhase()
+    result = phase.transform(tiny_cognate.models, phase.parse_config({}))
+    report = result.report
+    assert report["champion_beats_every_parent_and_uniform_with_95pct_significance"], report["champion_margin_on_test_95pct"]
+    again = apply_recipe(report["champion"]["recipe"], tiny_cognate.models, name="evomerge")
+    digests = [save_checkpoint(m, tmp_path / str(i), phase="evomerge", code_version="1", config={}, config_hash="",
+                               parents=[]).digest for i, m in enumerate([result.models[0], again])]
+    assert digests[0] == digests[1]
