@@ -269,7 +269,7 @@ class EvoMergePhase(Phase):
                 "smallest_margin_on_test": round(min(margins.values()), 4),
                 "champion_beats_every_parent_and_uniform_on_test": beats_all,
                 "smallest_margin_95pct_low": round(min(i["ci_low"] for i in intervals.values()), 4),
-                "with_95pct_significance": beats_all_significantly,
+                "champion_beats_all_with_95pct_significance": beats_all_significantly,
             },
         }
         return PhaseResult(models=[merged], report=report)
