@@ -30,7 +30,7 @@ test: venv
 	$(BIN)/python -m pytest
 
 test-unit: venv
-	$(BIN)/python -m pytest -m "unit"
+	$(BIN)/python -m pytest -m "unit and not slow"
 
 infra-install: venv
 	$(BIN)/agentforge infra install

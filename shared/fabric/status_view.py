@@ -234,12 +234,15 @@ class FaustStatusView(StatusView):
         import faust  # only the distributed feed needs it (it pulls in its own Kafka client)
 
         topics = Topics.from_settings(settings)
+        # faust keeps table metadata in its datadir, by default "<app id>-data" in the working directory, and
+        # creates only the last folder of it.
+        datadir = settings.cache_dir / "faust" / f"{topics.prefix}-status"
+        datadir.parent.mkdir(parents=True, exist_ok=True)
         self.app = faust.App(
             f"{topics.prefix}-status",
             broker=f"kafka://{settings.kafka_bootstrap}",
             store="memory://",  # rebuilt from the changelog on start; the view is small
-            # faust writes table metadata under its datadir, by default "<app id>-data" in the working directory.
-            datadir=str(settings.cache_dir / "faust" / f"{topics.prefix}-status"),
+            datadir=str(datadir),
             web_enabled=False,
             web_bind="127.0.0.1",
             web_host="127.0.0.1",
