@@ -50,7 +50,8 @@ def main(
     if report is not None:
         report.write_text(json.dumps(result.report, indent=2))
     summary = {k: result.report[k] for k in ("seed_round", "lineage", "search_seconds", "evaluations",
-                                             "champion_beats_every_parent_and_uniform_on_test")}
+                                             "champion_beats_every_parent_and_uniform_on_test",
+                                             "champion_beats_every_parent_and_uniform_with_95pct_significance")}
     typer.echo(json.dumps({**summary, "recipe": result.report["champion"]["recipe"], "digest": manifest.digest}, indent=2))
     _echo_test_table(result.report)
 
