@@ -19,6 +19,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from shared.contracts.agentforge.v1 import control_pb2, events_pb2
 from shared.fabric.bus import Bus
@@ -291,8 +292,14 @@ class FaustStatusView(StatusView):
         await self.app.stop()
 
 
-async def runs_topic_partitions(settings: Settings) -> int:
-    """Partition count of agentforge.runs on the broker (created with the bus's default if missing)."""
+class TopicNotReady(RuntimeError):
+    """The broker describes the topic without partitions (yet)."""
+
+
+async def runs_topic_partitions(settings: Settings, wait_s: float = 10.0) -> int:
+    """Partition count of agentforge.runs on the broker (created with the bus's default if missing). A topic
+    just created can be described without partitions until its leader is elected, so this asks again for
+    up to wait_s seconds."""
     from aiokafka.admin import AIOKafkaAdminClient
 
     from shared.fabric.kafka_bus import KafkaBus
@@ -302,10 +309,13 @@ async def runs_topic_partitions(settings: Settings) -> int:
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
     await admin.start()
     try:
-        described = await admin.describe_topics([runs])
+        async for attempt in AsyncRetrying(stop=stop_after_delay(wait_s), wait=wait_fixed(0.25),
+                                           retry=retry_if_exception_type(TopicNotReady), reraise=True):
+            with attempt:
+                described = await admin.describe_topics([runs])
+                partitions = next((t["partitions"] for t in described if t["topic"] == runs), [])
+                if not partitions:
+                    raise TopicNotReady(f"the broker at {settings.kafka_bootstrap} reports no partitions for {runs}")
     finally:
         await admin.close()
-    partitions = next((t["partitions"] for t in described if t["topic"] == runs), [])
-    if not partitions:
-        raise RuntimeError(f"the broker at {settings.kafka_bootstrap} reports no partitions for {runs}")
     return len(partitions)
