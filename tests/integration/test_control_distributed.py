@@ -114,8 +114,9 @@ def test_start_through_control_runs_to_completion_and_status_and_trace_show_it(c
     start_control(tmp_path / "control-2.log").wait_ready(START_S)
     code, out = invoke("status", "it-run")  # ready means recovered: known at once
     assert code == 0 and "completed" in out and out.count(" done ") == 2, out
-    # The run it missed is folded from the runs topic once recovery hands over to the agent.
-    deadline = time.monotonic() + 60
+    # The run it missed is folded from the runs topic once recovery hands over to the agent. Within 60 s
+    # in most runs; one CI run on 2 cores had not folded it after 64 s, so the wait allows 180 s.
+    deadline = time.monotonic() + 180
     code, out = invoke("status", "direct-run")
     while not (code == 0 and "completed" in out):
         assert time.monotonic() < deadline, out
