@@ -18,9 +18,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from shared.data.tasks import extract_answer, make_examples
+from shared.data.tasks import make_examples
 from shared.data.text import english_documents
-from shared.evaluation import bits_per_byte, choice_loglikelihoods, greedy_continuations
+from shared.evaluation import argmax, bits_per_byte, choice_loglikelihoods, exact_match_flags
 
 BLOCK_CHARS = 2_000
 BOOTSTRAP_SAMPLES = 2_000
@@ -75,11 +75,9 @@ def task_correctness(model, tokenizer, tasks: Sequence[Task], max_new_tokens: in
         examples = make_examples(suite, level, split, n, seed)
         if examples[0].choices:
             scores = choice_loglikelihoods(model, tokenizer, examples)
-            correct[suite, level] = [max(range(len(s)), key=s.__getitem__) == e.label for s, e in zip(scores, examples)]
+            correct[suite, level] = [argmax(lls) == e.label for lls, e in zip(scores, examples, strict=True)]
         else:
-            prompts = [e.prompt for e in examples]
-            generated = greedy_continuations(model, tokenizer, prompts, max_new_tokens, GENERATION_BATCH)
-            correct[suite, level] = [extract_answer(text) == e.answer for text, e in zip(generated, examples, strict=True)]
+            correct[suite, level] = exact_match_flags(model, tokenizer, examples, max_new_tokens, GENERATION_BATCH)
     return correct
 
 

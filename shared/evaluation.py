@@ -204,17 +204,29 @@ def greedy_continuations(
     return outputs
 
 
+def exact_match_flags(
+    model, tokenizer, examples: Sequence[Example], max_new_tokens: int = 32, batch_size: int = 16
+) -> list[bool]:
+    """Per example: whether the greedy answer, extracted up to the terminator, equals the reference."""
+    generated = greedy_continuations(model, tokenizer, [e.prompt for e in examples], max_new_tokens, batch_size)
+    return [extract_answer(text) == e.answer for text, e in zip(generated, examples, strict=True)]
+
+
 def exact_match(
     model, tokenizer, examples: Sequence[Example], max_new_tokens: int = 32, batch_size: int = 16
 ) -> dict[str, float | int]:
     if not examples:
         raise ValueError("exact_match needs at least one example")
-    generated = greedy_continuations(model, tokenizer, [e.prompt for e in examples], max_new_tokens, batch_size)
-    correct = sum(extract_answer(text) == e.answer for text, e in zip(generated, examples, strict=True))
+    correct = sum(exact_match_flags(model, tokenizer, examples, max_new_tokens, batch_size))
     return {**_accuracy("exact_match", correct, len(examples)), "correct": correct, "n": len(examples)}
 
 
 # --- multiple choice ---------------------------------------------------------------------------------
+
+
+def argmax(values: Sequence[float]) -> int:
+    """Index of the largest value, the first on ties (lm-eval's np.argmax)."""
+    return max(range(len(values)), key=values.__getitem__)
 
 
 def _choice_request(tokenizer, context: str, continuation: str) -> Request:
@@ -243,8 +255,8 @@ def multiple_choice(model, tokenizer, examples: Sequence[Example], batch_size: i
     correct = correct_norm = 0
     for example, lls in zip(examples, choice_loglikelihoods(model, tokenizer, examples, batch_size), strict=True):
         normalised = [ll / len(choice) for ll, choice in zip(lls, example.choices, strict=True)]
-        correct += max(range(len(lls)), key=lls.__getitem__) == example.label
-        correct_norm += max(range(len(lls)), key=normalised.__getitem__) == example.label
+        correct += argmax(lls) == example.label
+        correct_norm += argmax(normalised) == example.label
     return {
         **_accuracy("acc", correct, len(examples)),
         **_accuracy("acc_norm", correct_norm, len(examples)),

@@ -125,17 +125,18 @@ def champion_margins(test_fitness: dict[str, float]) -> dict[str, float]:
     return {name: test_fitness["champion"] - value for name, value in test_fitness.items() if name != "champion"}
 
 
-def score_on_test(forged: ForgedModel, suite: EvalSuite) -> tuple[dict[str, Any], ItemScores]:
+def score_on_test(forged: ForgedModel, suite: EvalSuite, blocks: list[str] | None) -> tuple[dict[str, Any], ItemScores]:
     """The test table of one model (bits per byte from shared.evaluation, each task's accuracy from its
-    problems judged one by one) and the per-item scores behind it."""
+    problems judged one by one) and the per-item scores behind it; `blocks` is the test text cut for the
+    paired interval (shared.comparison.text_blocks), None where the suite measures no text."""
     metrics = evaluate(forged.model, forged.tokenizer, suite.model_copy(update={"tasks": ()}))
     correct = task_correctness(forged.model, forged.tokenizer, suite.tasks, suite.max_new_tokens, suite.split, suite.seed)
-    for (name, level), flags in correct.items():
-        metrics[f"{name}.{level}.accuracy"] = sum(flags) / len(flags)
-    if correct:
-        metrics["tasks.mean_accuracy"] = sum(sum(f) / len(f) for f in correct.values()) / len(correct)
-    blocks = score_blocks(forged.model, forged.tokenizer, text_blocks(suite.text_split)) if suite.text_split else None
-    return metrics, ItemScores(blocks, correct)
+    accuracies = {f"{name}.{level}.accuracy": sum(flags) / len(flags) for (name, level), flags in correct.items()}
+    metrics.update(accuracies)
+    if accuracies:
+        metrics["tasks.mean_accuracy"] = sum(accuracies.values()) / len(accuracies)
+    scored_blocks = score_blocks(forged.model, forged.tokenizer, blocks) if blocks is not None else None
+    return metrics, ItemScores(scored_blocks, correct)
 
 
 def margin_interval(champion: ItemScores, rival: ItemScores, bpb_weight: float) -> dict[str, float]:
@@ -224,9 +225,10 @@ class EvoMergePhase(Phase):
             parents, name="uniform-linear",
         )
         test, items = {}, {}
+        blocks = text_blocks(config.test.text_split) if config.test.text_split else None
         for m in [merged, *parents, uniform]:
             name = "champion" if m is merged else m.name
-            test[name], items[name] = score_on_test(m, config.test)
+            test[name], items[name] = score_on_test(m, config.test, blocks)
         test_fitness = {name: fitness_of(metrics, config.bpb_weight) for name, metrics in test.items()}
         margins = champion_margins(test_fitness)
         intervals = {name: margin_interval(items["champion"], items[name], config.bpb_weight) for name in margins}
