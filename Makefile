@@ -6,7 +6,7 @@ UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 export UV_CACHE_DIR ?= $(HOME)/.cache/agentforge/uv
 export UV_LINK_MODE ?= hardlink
 
-.PHONY: venv run test test-unit infra-install infra-up infra-down bench clean
+.PHONY: venv run test test-unit infra-install infra-up infra-down bench bench-seeds clean
 
 $(UV):
 	$(PYTHON) -m pip install --user --quiet uv
@@ -45,6 +45,11 @@ bench: venv
 	$(BIN)/python -m bench.bitnet
 	$(BIN)/agentforge infra up
 	eval "$$($(BIN)/agentforge infra env)" && $(BIN)/python -m bench.fabric
+
+## Cognate -> EvoMerge -> BitNet on three seeds (about an hour); the README's results are generated from its file.
+bench-seeds: venv
+	$(BIN)/python -m bench.seeds
+	$(BIN)/python -m bench.readme
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -4,10 +4,11 @@
   windows of max_length predicted tokens, the first conditioned on a single prefix token (BOS, else EOS),
   the others on the tokens just before them; bits per byte, byte and word perplexity from the summed
   log-likelihood. Token perplexity is not reported: it does not compare across tokenizers.
-- exact_match: greedy generation from the prompt, the answer extracted up to the terminator, compared
-  exactly; never a teacher-forced proxy.
-- multiple_choice: acc = argmax of the summed log-probability of " " + choice, acc_norm divides that by
-  the choice's length in characters.
+- greedy_continuations: batched greedy generation from prompts, stopped at the terminator (or other stop
+  strings); generative tasks are scored on what it writes (shared.tool_runtime, shared.scorecard), never
+  by a teacher-forced proxy.
+- choice_loglikelihoods: the summed log-probability of " " + choice for every choice (lm-eval's acc is
+  its argmax).
 Accuracies carry a 95% Wilson interval. Everything runs under torch.no_grad in eval mode.
 """
 from __future__ import annotations
@@ -16,13 +17,9 @@ import contextlib
 import math
 import re
 from collections.abc import Iterator, Sequence
-from typing import Any, Literal
-
 import torch
-from pydantic import BaseModel, ConfigDict, field_validator
 
-from shared.data.tasks import ANSWER_DELIMITER, TERMINATOR, Example, check_task, extract_answer, make_examples
-from shared.data.text import english_documents
+from shared.data.tasks import ANSWER_DELIMITER, TERMINATOR, Example
 
 Z_95 = 1.959963984540054
 # lm-eval's fallback when neither the model config nor the tokenizer states a context length.
@@ -45,11 +42,6 @@ def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, flo
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def _accuracy(name: str, correct: int, n: int) -> dict[str, float | int]:
-    low, high = wilson_interval(correct, n)
-    return {name: correct / n, f"{name}_ci_low": low, f"{name}_ci_high": high}
 
 
 @contextlib.contextmanager
@@ -139,27 +131,43 @@ def prefix_token_id(tokenizer) -> int:
     return token
 
 
-def bits_per_byte(
+def rolling_loglikelihoods(
     model, tokenizer, documents: Sequence[str], max_length: int | None = None, batch_size: int = 8
-) -> dict[str, float | int]:
-    """Rolling log-likelihood of the documents, reported per byte and per word as lm-eval's wikitext task.
+) -> list[float]:
+    """Each document's summed log-likelihood (nats) over lm-eval's disjoint rolling windows; the windows of
+    all documents are batched together.
 
     Documents are tokenized without special tokens (the prefix token is the only one added). lm-eval
     uses the tokenizer's default there, which for tokenizers that add a BOS themselves scores a second
     BOS; our figure equals lm-eval's with add_bos_token=False.
     """
-    if not documents:
-        raise ValueError("bits_per_byte needs at least one document")
     max_length = max_length or resolve_max_length(model, tokenizer)
     prefix = prefix_token_id(tokenizer)
     requests: list[Request] = []
-    for document in documents:
+    owners: list[int] = []
+    for index, document in enumerate(documents):
         tokens = tokenizer(document, add_special_tokens=False, verbose=False)["input_ids"]  # scored in windows
-        requests.extend(rolling_windows(tokens, prefix, max_length))
-    loglikelihood = math.fsum(_continuation_logprobs(model, requests, batch_size))
+        windows = rolling_windows(tokens, prefix, max_length)
+        requests.extend(windows)
+        owners.extend([index] * len(windows))
+    per_document: list[list[float]] = [[] for _ in documents]
+    for owner, logprob in zip(owners, _continuation_logprobs(model, requests, batch_size), strict=True):
+        per_document[owner].append(logprob)
+    return [math.fsum(values) for values in per_document]
+
+
+def bits_per_byte(
+    model, tokenizer, documents: Sequence[str], max_length: int | None = None, batch_size: int = 8
+) -> dict[str, float | int]:
+    """Rolling log-likelihood of the documents, reported per byte and per word as lm-eval's wikitext task."""
+    if not documents:
+        raise ValueError("bits_per_byte needs at least one document")
+    max_length = max_length or resolve_max_length(model, tokenizer)
+    loglikelihood = math.fsum(rolling_loglikelihoods(model, tokenizer, documents, max_length, batch_size))
     n_bytes = sum(len(document.encode("utf-8")) for document in documents)
     # lm-eval's wikitext word count, empty strings from leading/trailing whitespace included.
     n_words = sum(len(re.split(r"\s+", document)) for document in documents)
+    n_tokens = sum(len(tokenizer(d, add_special_tokens=False, verbose=False)["input_ids"]) for d in documents)
     return {
         "bits_per_byte": -loglikelihood / n_bytes / math.log(2),
         "byte_perplexity": math.exp(-loglikelihood / n_bytes),
@@ -167,7 +175,7 @@ def bits_per_byte(
         "loglikelihood": loglikelihood,
         "n_bytes": n_bytes,
         "n_words": n_words,
-        "n_tokens": sum(len(continuation) for _, continuation in requests),
+        "n_tokens": n_tokens,
         "n_documents": len(documents),
         "max_length": max_length,
     }
@@ -177,9 +185,11 @@ def bits_per_byte(
 
 
 def greedy_continuations(
-    model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16
+    model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16,
+    stop_strings: Sequence[str] = (TERMINATOR,),
 ) -> list[str]:
-    """Greedy continuation of each prompt (left-padded batches), stopped at TERMINATOR or EOS."""
+    """Greedy continuation of each prompt (left-padded batches), stopped at a stop string or EOS. A row that
+    stops early may carry text past its stop string (the batch generates on): callers cut at the first one."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix_token_id(tokenizer)
     outputs: list[str] = []
     with _evaluating(model) as device:
@@ -197,28 +207,11 @@ def greedy_continuations(
                 do_sample=False,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=pad,
-                stop_strings=[TERMINATOR],
+                stop_strings=list(stop_strings),
                 tokenizer=tokenizer,
             )
             outputs += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
     return outputs
-
-
-def exact_match_flags(
-    model, tokenizer, examples: Sequence[Example], max_new_tokens: int = 32, batch_size: int = 16
-) -> list[bool]:
-    """Per example: whether the greedy answer, extracted up to the terminator, equals the reference."""
-    generated = greedy_continuations(model, tokenizer, [e.prompt for e in examples], max_new_tokens, batch_size)
-    return [extract_answer(text) == e.answer for text, e in zip(generated, examples, strict=True)]
-
-
-def exact_match(
-    model, tokenizer, examples: Sequence[Example], max_new_tokens: int = 32, batch_size: int = 16
-) -> dict[str, float | int]:
-    if not examples:
-        raise ValueError("exact_match needs at least one example")
-    correct = sum(exact_match_flags(model, tokenizer, examples, max_new_tokens, batch_size))
-    return {**_accuracy("exact_match", correct, len(examples)), "correct": correct, "n": len(examples)}
 
 
 # --- multiple choice ---------------------------------------------------------------------------------
@@ -247,73 +240,3 @@ def choice_loglikelihoods(model, tokenizer, examples: Sequence[Example], batch_s
     ]
     scores = iter(_continuation_logprobs(model, requests, batch_size))
     return [[next(scores) for _ in example.choices] for example in examples]
-
-
-def multiple_choice(model, tokenizer, examples: Sequence[Example], batch_size: int = 32) -> dict[str, float | int]:
-    if not examples:
-        raise ValueError("multiple_choice needs at least one example")
-    correct = correct_norm = 0
-    for example, lls in zip(examples, choice_loglikelihoods(model, tokenizer, examples, batch_size), strict=True):
-        normalised = [ll / len(choice) for ll, choice in zip(lls, example.choices, strict=True)]
-        correct += argmax(lls) == example.label
-        correct_norm += argmax(normalised) == example.label
-    return {
-        **_accuracy("acc", correct, len(examples)),
-        **_accuracy("acc_norm", correct_norm, len(examples)),
-        "correct": correct,
-        "correct_norm": correct_norm,
-        "n": len(examples),
-        "chance": sum(1 / len(e.choices) for e in examples) / len(examples),
-    }
-
-
-# --- a whole evaluation ------------------------------------------------------------------------------
-
-
-class EvalSuite(BaseModel):
-    """What to measure. Search fitness uses the validation split; final reports use test."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    text_split: Literal["validation", "test"] | None = "validation"  # None: no bits per byte
-    tasks: tuple[tuple[str, int, int], ...] = (  # (suite, level, number of examples)
-        ("arithmetic", 1, 30),
-        ("sequence", 1, 50),
-        ("multiple_choice", 1, 50),
-    )
-    split: Literal["train", "validation", "test"] = "validation"
-    seed: int = 0
-    max_length: int | None = None  # rolling-window length; None: the model's context length
-    max_new_tokens: int = 32
-
-    @field_validator("tasks")
-    @classmethod
-    def _known_tasks(cls, tasks: tuple[tuple[str, int, int], ...]) -> tuple[tuple[str, int, int], ...]:
-        for suite, level, n in tasks:
-            check_task(suite, level, "test")
-            if n < 1:
-                raise ValueError(f"task ({suite}, {level}) needs n >= 1, got {n}")
-        return tasks
-
-
-def evaluate(model, tokenizer, suite: EvalSuite) -> dict[str, Any]:
-    """One flat, JSON-serialisable table: "text.bits_per_byte", "arithmetic.1.exact_match", ...
-    "tasks.mean_accuracy" averages each task's headline accuracy (exact_match, or acc for choices)."""
-    table: dict[str, Any] = {"eval.split": suite.split, "eval.seed": suite.seed}
-    if suite.text_split is not None:
-        text = bits_per_byte(model, tokenizer, english_documents(suite.text_split), suite.max_length)
-        table["eval.text_split"] = suite.text_split
-        table.update({f"text.{key}": value for key, value in text.items()})
-    headline = []
-    for name, level, n in suite.tasks:
-        examples = make_examples(name, level, suite.split, n, suite.seed)
-        if examples[0].choices:
-            scores = multiple_choice(model, tokenizer, examples)
-            headline.append(scores["acc"])
-        else:
-            scores = exact_match(model, tokenizer, examples, suite.max_new_tokens)
-            headline.append(scores["exact_match"])
-        table.update({f"{name}.{level}.{key}": value for key, value in scores.items()})
-    if headline:
-        table["tasks.mean_accuracy"] = sum(headline) / len(headline)
-    return table

@@ -6,12 +6,17 @@ so a specialist is "the same loop on a different mix". Batches are right-padded;
 t+1 from tokens <= t and counts real tokens only (padding never contributes, and no position predicts
 across the end of a row). The same seed, data and config give the same weights: batch sampling uses its
 own seeded generator and torch runs on a fixed number of threads.
+
+Read-only tokens: text a model reads but never writes (the calculator results the tool runtime splices into
+a transcript) is kept in its row as id + NOT_PREDICTED; collate gives the model the id and leaves the
+token out of the loss, as agent fine-tuning masks tool observations. Training on them would teach a 1M
+model to guess products it is never asked for, in place of copying the result it is given.
 """
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +27,8 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from shared.phase import ProgressFn, no_progress
 
 Row = list[int]
+NOT_PREDICTED = 1 << 30  # added to the id of a read-only token (larger than any vocabulary)
+ReadOnlySpans = Callable[[str], list[tuple[int, int]]]  # text -> [start, end) character spans of read-only text
 
 
 class TrainingConfig(BaseModel):
@@ -96,30 +103,46 @@ def pack_rows(token_lists: Iterable[Sequence[int]], seq_len: int, eos_id: int) -
     return rows
 
 
-def encode_texts(tokenizer, texts: Iterable[str], seq_len: int) -> list[Row]:
-    """Tokenise texts (no special tokens added by the tokenizer) and pack them into rows."""
-    token_lists = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]  # cut into rows below
+def encode_texts(tokenizer, texts: Iterable[str], seq_len: int, read_only: ReadOnlySpans | None = None) -> list[Row]:
+    """Tokenise texts (no special tokens added by the tokenizer) and pack them into rows; tokens lying
+    inside a span `read_only` returns for their text are marked read-only."""
+    texts = list(texts)
+    encoded = tokenizer(texts, add_special_tokens=False, verbose=False, return_offsets_mapping=read_only is not None)
+    token_lists = encoded["input_ids"]  # cut into rows below
+    if read_only is not None:
+        for i, text in enumerate(texts):
+            spans = read_only(text)
+            token_lists[i] = [token + NOT_PREDICTED if any(s <= start and end <= e for s, e in spans) else token
+                              for token, (start, end) in zip(token_lists[i], encoded["offset_mapping"][i], strict=True)]
     return pack_rows(token_lists, seq_len, tokenizer.eos_token_id)
 
 
-def collate(rows: Sequence[Row], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad rows into (input_ids, attention_mask), both (batch, longest row)."""
+def collate(rows: Sequence[Row], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad rows into (input_ids, attention_mask, predicted), each (batch, longest row): predicted is
+    1 for a real token the loss may count, 0 for padding and read-only tokens."""
     width = max(len(row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    predicted = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        tokens = torch.tensor(row, dtype=torch.long)
+        input_ids[i, : len(row)] = tokens % NOT_PREDICTED
         attention_mask[i, : len(row)] = 1
-    return input_ids, attention_mask
+        predicted[i, : len(row)] = (tokens < NOT_PREDICTED).long()
+    return input_ids, attention_mask, predicted
 
 
-def causal_lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(sum of next-token NLL in nats, number of predicted tokens), real tokens only."""
+def causal_lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   predicted: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """(sum of next-token NLL in nats, number of predicted tokens), real tokens only, and of those only the
+    ones `predicted` marks (default: every real token)."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
     # Position t predicts token t+1: drop the last position's logits and the first token's label.
     targets = input_ids[:, 1:]
     # A target counts only if it is a real token; its context (an earlier position) then is real too.
     counted = attention_mask[:, 1:].bool()
+    if predicted is not None:
+        counted &= predicted[:, 1:].bool()
     nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
     return nll[counted.flatten()].sum(), int(counted.sum())
 
@@ -205,8 +228,7 @@ def train_causal_lm(
         for source_id in source_ids.tolist():
             pool = sources[names[source_id]]
             rows.append(pool[int(torch.randint(len(pool), (1,), generator=sampler))])
-        input_ids, attention_mask = collate(rows, pad_id)
-        loss_sum, count = causal_lm_loss(model, input_ids, attention_mask)
+        loss_sum, count = causal_lm_loss(model, *collate(rows, pad_id))
         loss = loss_sum / count
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower the learning rate")

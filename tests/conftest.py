@@ -23,3 +23,12 @@ def tiny_cognate():
 
     phase = CognatePhase()
     return phase.transform([], phase.parse_config({"preset": "tiny"}))
+
+
+@pytest.fixture(scope="session")
+def tiny_champion(tiny_cognate):
+    """EvoMerge on its defaults over tiny_cognate's models, as `make run` merges them (about 5 minutes)."""
+    from services.evomerge.phase import EvoMergePhase
+
+    phase = EvoMergePhase()
+    return phase.transform(tiny_cognate.models, phase.parse_config({}))

@@ -13,10 +13,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from services.bitnet.phase import BitNetConfig, BitNetPhase, training_sources, training_texts
+from services.bitnet.phase import BitNetConfig, BitNetPhase, training_sources
 from shared.checkpoint import load_checkpoint, save_checkpoint
+from shared.data.skills import skill_texts
 from shared.models import Preset, build_model, get_preset
 from shared.phase import ForgedModel
+from shared.scorecard import table_lines
 from shared.tokenizer import train_tokenizer
 from shared.training import TrainingConfig, train_causal_lm
 
@@ -24,13 +26,13 @@ cli = typer.Typer(add_completion=False)
 
 
 def train_float_model(shape: Preset, config: BitNetConfig, steps: int, name: str) -> ForgedModel:
-    texts = training_texts(config, "train", config.task_examples)
-    tokenizer = train_tokenizer([*texts["text"], *texts["tasks"]], shape.vocab_size, shape.max_positions)
+    texts = skill_texts("train", config.task_examples, config.seed, config.train_text_chars)
+    tokenizer = train_tokenizer([text for source in texts.values() for text in source], shape.vocab_size,
+                                shape.max_positions)
     model = build_model(shape, len(tokenizer), config.seed, eos_token_id=tokenizer.eos_token_id,
                         pad_token_id=tokenizer.pad_token_id)
     sources = training_sources(tokenizer, config, "train", config.task_examples)  # the data QAT will see
-    curve = train_causal_lm(model, sources, {"text": config.text_weight, "tasks": 1 - config.text_weight},
-                            TrainingConfig(steps=steps, learning_rate=3e-3, seed=config.seed),
+    curve = train_causal_lm(model, sources, config.mix, TrainingConfig(steps=steps, learning_rate=3e-3, seed=config.seed),
                             pad_id=tokenizer.pad_token_id)
     typer.echo(f"float model: {steps} steps, final train loss {curve.train_loss[-1]:.3f}, "
                f"{curve.tokens_per_second:.0f} tokens/s")
@@ -49,20 +51,22 @@ def _every_tenth():
 
 
 def print_summary(report: dict) -> None:
-    quality = Table("model", "text bits/byte", "task accuracy (mean)", "held-out loss", title="quality")
-    for name in ("float", "float_finetuned", "naive_ternary", "qat"):
-        if name in report:
-            row = report[name]
-            losses = ", ".join(f"{source} {loss:.3f}" for source, loss in row["held_out_loss"].items())
-            quality.add_row(name, f"{row.get('text.bits_per_byte', float('nan')):.3f}",
-                            f"{row.get('tasks.mean_accuracy', float('nan')):.3f}", losses)
+    typer.echo(f"scorecard, {report['scorecard']['spec']['split']} split:")
+    typer.echo("\n".join(table_lines(report["scorecard"]["cards"])))
+    for reference, gap in report["qat_gap"].items():
+        typer.echo(f"QAT against {reference}: {gap['relation']}; " + ", ".join(
+            f"{name} {d['difference']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+            for name, d in gap["metrics"].items() if name in gap["headline"]))
+    losses = Table("model", *next(iter(report["held_out_loss"].values())), title="held-out loss (nats per token)")
+    for name, row in report["held_out_loss"].items():
+        losses.add_row(name, *(f"{loss:.3f}" for loss in row.values()))
     sizes = Table("packing", "ternary payload bytes", "ternary bits/weight", "file bytes", "file bits/parameter",
                   "x smaller than float file", title=f"sizes (float file {report['float_file_bytes']} bytes)")
     for name, size in report["sizes"].items():
         sizes.add_row(name, str(size["ternary_payload_bytes"]), f"{size['ternary_bits_per_weight']:.4f}",
                       str(size["file_bytes"]), f"{size['file_bits_per_parameter']:.3f}",
                       f"{size['file_compression_vs_float']:.2f}")
-    Console().print(quality, sizes)
+    Console().print(losses, sizes)
 
 
 @cli.command()
@@ -92,7 +96,7 @@ def main(
                     extra_files=result.extra_files[output.name])
     if report is not None:
         report.write_text(json.dumps(result.report, indent=2))
-    typer.echo(json.dumps({k: v for k, v in result.report.items() if not k.endswith("_curve")}, indent=2))
+    typer.echo(json.dumps(result.report["summary"], indent=2))
     print_summary(result.report)
 
 

@@ -1,7 +1,8 @@
-"""`python -m services.cognate --preset tiny`: train the base and three specialists, print the measured table.
+"""`python -m services.cognate --preset tiny`: train the base, three specialists and the multitask baseline,
+print the measured scorecard.
 
-Checkpoints go to --out/<name> (base, specialist-reasoning, specialist-text, specialist-tools), the full
-report (curves included) to --report.
+Checkpoints go to --out/<name> (base, specialist-reasoning, specialist-text, specialist-tools, multitask),
+the full report (curves and per-item results included) to --report.
 """
 from __future__ import annotations
 
@@ -13,42 +14,27 @@ import typer
 from services.cognate.phase import CognatePhase
 from shared.checkpoint import save_checkpoint
 from shared.phase import print_every_percent
+from shared.scorecard import table_lines
 
 cli = typer.Typer(add_completion=False)
-
-
-def _table_lines(report: dict) -> list[str]:
-    def em(scores: dict) -> str:
-        return f"{scores['exact_match']:.3f} [{scores['ci_low']:.3f}, {scores['ci_high']:.3f}]"
-
-    lines = [f"{'model':22} {'test bpb [95% block CI]':28} {'reasoning EM [95%]':22} {'tools EM [95%]':22} arith L1 EM [95%]"]
-    for name, row in report["table"].items():
-        if name == "majority_baseline":
-            continue
-        text = row["text"]
-        lines.append(
-            f"{name:22} {text['bits_per_byte']:.3f} [{text['block_ci_low']:.3f}, {text['block_ci_high']:.3f}]      "
-            f"{em(row['reasoning']):22} {em(row['tools']):22} {em(row['arithmetic_easy'])}"
-        )
-    lines.append(f"majority-answer baseline, arithmetic L1: {report['table']['majority_baseline']['arithmetic_easy']:.3f}")
-    return lines
 
 
 @cli.command()
 def main(
     preset: str = typer.Option("tiny", help="model preset (tiny or small)"),
-    out: Path | None = typer.Option(None, help="save the four checkpoints under this folder"),
+    out: Path | None = typer.Option(None, help="save the checkpoints under this folder"),
     report: Path | None = typer.Option(None, help="write the full report (curves included) as JSON here"),
     config_json: str = typer.Option("{}", help="CognateConfig overrides as JSON"),
 ) -> None:
     phase = CognatePhase()
     config = phase.parse_config({"preset": preset, **json.loads(config_json)})
     result = phase.transform([], config, print_every_percent(typer.echo))
+    cards = result.report.get("scorecard", {}).get("cards", {})
     if out is not None:
         for forged in result.models:
             save_checkpoint(forged, out / forged.name, phase=phase.name, code_version=phase.version,
                             config=config.model_dump(mode="json"), config_hash=config.config_hash(), parents=[],
-                            metrics=result.report.get("table", {}).get(forged.name, {}))
+                            metrics=cards.get(forged.name, {}).get("metrics", {}))
     if report is not None:
         report.write_text(json.dumps(result.report, indent=2))
     if "curves" in result.report:
@@ -58,8 +44,9 @@ def main(
             curve = run["curve"]
             typer.echo(f"{name:22} loss {curve['train_loss'][0]:.2f} -> {curve['train_loss'][-1]:.2f}, "
                        f"{curve['tokens_per_second']:.0f} tokens/s, {curve['seconds']:.0f} s")
-    if "table" in result.report:
-        typer.echo("\n".join(_table_lines(result.report)))
+    if cards:
+        typer.echo(f"scorecard, {result.report['scorecard']['spec']['split']} split:")
+        typer.echo("\n".join(table_lines(cards)))
         typer.echo(json.dumps(result.report["speciality"], indent=2))
 
 

@@ -16,6 +16,7 @@ from services.cognate.phase import CognatePhase
 from services.evomerge.phase import EvoMergePhase
 from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.phase import print_every_percent
+from shared.scorecard import table_lines
 
 cli = typer.Typer(add_completion=False)
 
@@ -57,15 +58,12 @@ def main(
 
 
 def _echo_test_table(report: dict) -> None:
-    typer.echo(f"test split; fitness = {report['fitness']}; margin = champion's fitness minus the row's, "
-               "with its paired 95% interval")
-    typer.echo(f"{'model':22} {'fitness':>8} {'margin [95%]':>26} {'bpb':>7} {'tasks':>6}  per task")
-    for name, metrics in report["test"].items():
-        tasks = " ".join(f"{k.split('.')[0]}={v:.3f}" for k, v in metrics.items() if k.endswith(".accuracy"))
-        margin, interval = report["champion_margin_on_test"].get(name), report["champion_margin_on_test_95pct"].get(name)
-        shown = "" if margin is None else f"{margin:+.4f} [{interval['ci_low']:+.4f}, {interval['ci_high']:+.4f}]"
-        typer.echo(f"{name:22} {report['test_fitness'][name]:8.4f} {shown:>26} "
-                   f"{metrics.get('text.bits_per_byte', float('nan')):7.4f} {metrics.get('tasks.mean_accuracy', 0.0):6.3f}  {tasks}")
+    typer.echo(f"test scorecard; fitness = {report['fitness']}")
+    typer.echo("\n".join(table_lines(report["scorecard"]["cards"])))
+    typer.echo("champion's fitness margin over each model [paired 95%], and its Pareto relation to it:")
+    for name, interval in report["champion_margin_on_test_95pct"].items():
+        typer.echo(f"  {name:22} {interval['margin']:+.4f} [{interval['ci_low']:+.4f}, {interval['ci_high']:+.4f}]  "
+                   f"{report['comparisons'][name]['relation']}")
 
 
 if __name__ == "__main__":

