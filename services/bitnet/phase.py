@@ -191,7 +191,7 @@ def _summary(report: dict, cards: dict[str, dict], packing: str) -> dict:
     summary = {}
     for name, card in cards.items():
         metrics = card["metrics"]
-        for metric, label in (("text.bits_per_byte", "test_bpb"), ("tasks.mean_task_success", "mean_task_success"),
+        for metric, label in (("text.bits_per_byte", "bpb"), ("tasks.mean_task_success", "mean_task_success"),
                               (TOOL_METRIC, "tool_success")):
             if metric in metrics:
                 summary[f"{name}.{label}"] = round(metrics[metric]["value"], 4)

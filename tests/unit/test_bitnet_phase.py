@@ -116,7 +116,7 @@ def test_report_measures_four_models_on_one_scorecard_and_both_packings(result):
     assert curve["lambda"] == [round(quant_strength_at(step, 15), 4) for step in range(30)]
     assert curve["lambda"][:3] == [0, 0.0667, 0.1333] and curve["lambda"][15:] == [1] * 15
     assert report["sizes"]["base3"]["ternary_bits_per_weight"] <= 1.6875
-    assert report["summary"]["qat.test_bpb"] == round(cards["qat"]["metrics"]["text.bits_per_byte"]["value"], 4)
+    assert report["summary"]["qat.bpb"] == round(cards["qat"]["metrics"]["text.bits_per_byte"]["value"], 4)
     assert report["summary"]["ternary_bits_per_weight"] == round(
         report["sizes"][report["packing"]]["ternary_bits_per_weight"], 4)
     weights = [m.weight.numel() for m in result.models[0].model.modules() if isinstance(m, BitLinear)]

@@ -118,5 +118,5 @@ def test_tiny_specialists_beat_the_untrained_model_and_win_their_speciality(tiny
         assert metrics["text.bits_per_byte"]["ci_high"] < cards["untrained"]["metrics"]["text.bits_per_byte"]["ci_low"] - 1.0
         assert metrics["arithmetic.1.task_success"]["ci_low"] > majority
         assert report["speciality"][name]["best_with_95pct_significance"], report["speciality"][name]
-        assert report["summary"][f"{name}.test_bpb"] == round(metrics["text.bits_per_byte"]["value"], 4)
+        assert report["summary"][f"{name}.bpb"] == round(metrics["text.bits_per_byte"]["value"], 4)
     assert report["summary"]["each_specialist_best_on_its_speciality"] is True
