@@ -246,6 +246,9 @@ class EvoMergePhase(Phase):
             "champion_beats_every_parent_and_uniform_on_test": beats_all,
             "champion_margin_on_test_95pct": intervals,
             "champion_beats_every_parent_and_uniform_with_95pct_significance": beats_all_significantly,
+            # The parents alone: the uniform merge is one of the search's seeds, so beating it measures the search.
+            "champion_beats_every_parent_with_95pct_significance": all(
+                intervals[m.name]["ci_low"] > 0 for m in parents),
             "comparisons": comparisons,
             "baselines_missing": [name for name in config.baselines if name not in {m.name for m in baselines}],
             "evaluations": len(evaluator.cache),
@@ -269,6 +272,8 @@ def _summary(report: dict[str, Any], champion, baselines: list[str]) -> dict[str
         "smallest_margin_95pct_low": round(min(intervals[n]["ci_low"] for n in merge_rivals), 4),
         "champion_beats_all_with_95pct_significance":
             report["champion_beats_every_parent_and_uniform_with_95pct_significance"],
+        "champion_beats_every_parent_with_95pct_significance":
+            report["champion_beats_every_parent_with_95pct_significance"],
     }
     for name in baselines:
         interval = intervals[name]

@@ -246,8 +246,9 @@ def _draw(generator: Generator, rng: random.Random, level: int, split: str) -> E
             return example
 
 
-def make_examples(suite: str, level: int, split: str, n: int, seed: int = 0) -> list[Example]:
-    """n distinct problems (distinct keys) of one suite, level and split, the same list for the same arguments."""
+def make_examples(suite: str, level: int, split: str, n: int, seed: int = 0, allow_fewer: bool = False) -> list[Example]:
+    """n distinct problems (distinct keys) of one suite, level and split, the same list for the same arguments;
+    with allow_fewer, all the split holds where that is fewer than n."""
     generator = check_task(suite, level, split)
     check_readable(split)
     if n < 0:
@@ -261,7 +262,7 @@ def make_examples(suite: str, level: int, split: str, n: int, seed: int = 0) -> 
         example = _draw(generator, rng, level, split)
         misses = misses + 1 if example.key in examples else 0
         examples.setdefault(example.key, example)
-    if len(examples) < n:
+    if len(examples) < n and not allow_fewer:
         raise ValueError(
             f"the {split} split of {suite} level {level} holds only {len(examples)} distinct problems, "
             f"fewer than the {n} asked for"

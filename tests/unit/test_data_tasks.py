@@ -257,6 +257,7 @@ def test_unknown_suite_level_or_split_is_an_error(suite, level, split, message):
 def test_asking_for_more_problems_than_a_split_holds_is_an_error():
     with pytest.raises(ValueError, match="holds only 20 distinct problems"):
         make_examples("tool_calls", 1, "test", 21)
+    assert len(make_examples("tool_calls", 1, "test", 21, allow_fewer=True)) == 20
 
 
 def test_training_stream_follows_mix_levels_and_split():

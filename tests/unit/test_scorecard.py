@@ -145,6 +145,9 @@ def test_the_majority_baseline_gives_the_most_frequent_training_answer():
     assert most == "0"  # a mod m is 0 for about one m in every value
     expected = sum(e.answer == most for e in make_examples("modular", 1, "test", 300)) / 300
     assert card["metrics"]["modular.1.task_success"]["value"] == expected > 0.1
+    # A level whose training split holds fewer problems than the baseline asks for gives all it holds.
+    small = majority_card(ScorecardSpec(split="test", text=False, tasks=(("multiple_choice", 1, 20),)))
+    assert 0 <= small["metrics"]["multiple_choice.1.task_success"]["value"] <= 1
     assert TEXT_METRIC not in card["metrics"]
     lines = table_lines({"majority": card, "scored": _synthetic({"modular.1": [0] * 300}, ([-1.0], [1]))})
     assert lines[0].split()[:2] == ["model", "bits/byte"] and lines[1].split()[:2] == ["majority", "-"]
