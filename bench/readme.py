@@ -81,6 +81,8 @@ def render(results: dict[str, Any]) -> str:
                   ", ".join(r["evomerge"]["margins"][name]["relation"] for r in records)]
                  for name, m in spread["evomerge_margins"].items()]),
         "",
+        _merge_verdict(records),
+        "",
         "BitNet b1.58 (QAT of the champion on every skill; the float control is fine-tuned the same way without "
         "quantization):",
         "",
@@ -93,8 +95,9 @@ def render(results: dict[str, Any]) -> str:
                 [[reference, *(f"{gap[metric]['mean']:+.3f} ± {gap[metric]['sd']:.3f}" for metric, _ in columns[:-1])]
                  for reference, gap in spread["qat_gap"].items()]),
         "",
-        f"Tool-call success lost in QAT: {spread['tool_use_loss']['mean']:+.3f} ± {spread['tool_use_loss']['sd']:.3f} "
-        f"(kept within 0.10 in {sum(r['bitnet']['tool_use']['kept'] for r in records)} of {n} seeds). Packed, the "
+        f"QAT's tool-call success minus its input's: {-spread['tool_use_loss']['mean']:+.3f} ± "
+        f"{spread['tool_use_loss']['sd']:.3f} (a loss of at most 0.10 in {sum(r['bitnet']['tool_use']['kept'] for r in records)} "
+        f"of {n} seeds). Packed, the "
         f"ternary weights take {records[0]['bitnet']['ternary_bits_per_weight']:.3f} bits each; the file is "
         f"{records[0]['bitnet']['packed_file_bytes']:,} bytes against {records[0]['bitnet']['float_file_bytes']:,} "
         f"for the float model (seed {records[0]['seed']}).",
@@ -104,6 +107,19 @@ def render(results: dict[str, Any]) -> str:
             for r in records) + ".",
     ]
     return "\n".join(lines)
+
+
+def _merge_verdict(records: list[dict[str, Any]]) -> str:
+    """What the EvoMerge margins say, in words, counted from the file."""
+    n = len(records)
+
+    def seeds_above(names) -> int:
+        return sum(all(r["evomerge"]["margins"][name]["ci_low"] > 0 for name in names) for r in records)
+
+    parents = [name for name in records[0]["evomerge"]["margins"] if name not in ("multitask", "uniform-linear")]
+    return (f"The champion beats every parent, each paired interval above zero, in {seeds_above(parents)} of {n} "
+            f"seeds; the uniform linear merge in {seeds_above(['uniform-linear'])} of {n}; the multitask model in "
+            f"{seeds_above(['multitask'])} of {n}.")
 
 
 def replace_block(readme: str, block: str) -> str:
