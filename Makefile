@@ -6,7 +6,7 @@ UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 export UV_CACHE_DIR ?= $(HOME)/.cache/agentforge/uv
 export UV_LINK_MODE ?= hardlink
 
-.PHONY: venv run test test-unit infra-install infra-up infra-down bench bench-seeds clean
+.PHONY: venv run test test-unit infra-install infra-up infra-down bench bench-seeds bench-quietstar clean
 
 $(UV):
 	$(PYTHON) -m pip install --user --quiet uv
@@ -49,6 +49,11 @@ bench: venv
 ## Cognate -> EvoMerge -> BitNet on three seeds (about an hour); the README's results are generated from its file.
 bench-seeds: venv
 	$(BIN)/python -m bench.seeds
+	$(BIN)/python -m bench.readme
+
+## Quiet-STaR on a stand-in champion: its table, a thought-length ablation and the cost of thinking (about half an hour).
+bench-quietstar: venv
+	$(BIN)/python -m bench.quietstar
 	$(BIN)/python -m bench.readme
 
 clean:

@@ -3,6 +3,7 @@
 Layout of a checkpoint folder:
     config.json, model.safetensors (or shards), tokenizer files   -- written by save_pretrained
     <extra files>                                                  -- e.g. a packed ternary file
+    carried/<files>                                                -- files the model carries on (ForgedModel.carried)
     manifest.json                                                  -- SHA-256 of every other file, lineage, metrics
 
 The checkpoint's digest is the SHA-256 of its file listing (relative path and SHA-256 of each file,
@@ -20,6 +21,7 @@ from typing import Any
 from shared.phase import ForgedModel
 
 MANIFEST = "manifest.json"
+CARRIED = "carried"
 FORMAT = "agentforge.checkpoint/v1"
 # Files that can execute code when loaded; a checkpoint holding any of them is refused.
 UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz")
@@ -97,6 +99,9 @@ def save_checkpoint(
     forged.tokenizer.save_pretrained(directory)
     for name, payload in (extra_files or {}).items():
         (directory / name).write_bytes(payload)
+    for name, payload in forged.carried.items():
+        (directory / CARRIED).mkdir(exist_ok=True)
+        (directory / CARRIED / name).write_bytes(payload)
     _refuse_unsafe(directory)
     files = {
         str(p.relative_to(directory)): sha256_file(p)
@@ -144,4 +149,6 @@ def load_checkpoint(directory: Path) -> tuple[ForgedModel, Manifest]:
     model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    return ForgedModel(model=model, tokenizer=tokenizer, name=manifest.name), manifest
+    carried = {Path(rel).name: (directory / rel).read_bytes() for rel in manifest.files
+               if Path(rel).parent == Path(CARRIED)}
+    return ForgedModel(model=model, tokenizer=tokenizer, name=manifest.name, carried=carried), manifest

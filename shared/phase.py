@@ -63,6 +63,9 @@ class ForgedModel:
     model: Any  # transformers.PreTrainedModel
     tokenizer: Any  # transformers.PreTrainedTokenizerFast
     name: str = "model"  # role in the run, e.g. "specialist-reasoning"; becomes the checkpoint's name
+    # Files that travel with the model through every later phase unchanged (name -> bytes), e.g. Quiet-STaR's
+    # mixing head; a checkpoint keeps them under carried/. A phase hands them on with dataclasses.replace.
+    carried: dict[str, bytes] = field(default_factory=dict)
 
 
 @dataclass
@@ -88,6 +91,15 @@ class Phase(ABC):
         self, models: list[ForgedModel], config: PhaseConfig, progress: ProgressFn = no_progress
     ) -> PhaseResult:
         """Turn the input models into output models and a report of measured numbers."""
+
+
+def one_float_model(models: list[ForgedModel], phase: str) -> ForgedModel:
+    """The one model a phase that trains a float model takes; a ValueError for more, fewer or a quantized one."""
+    if len(models) != 1:
+        raise ValueError(f"the {phase} phase takes exactly one model, got {len(models)}")
+    if getattr(models[0].model.config, "quantization_config", None):
+        raise ValueError(f"model {models[0].name!r} is already quantized; the {phase} phase takes a float model")
+    return models[0]
 
 
 class UnknownPhaseError(LookupError):

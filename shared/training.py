@@ -29,6 +29,9 @@ from shared.phase import ProgressFn, no_progress
 Row = list[int]
 NOT_PREDICTED = 1 << 30  # added to the id of a read-only token (larger than any vocabulary)
 ReadOnlySpans = Callable[[str], list[tuple[int, int]]]  # text -> [start, end) character spans of read-only text
+# (model, input_ids, attention_mask, predicted) -> (loss summed over its tokens, token count, figures to log).
+# The default is causal_lm_loss; a phase with an objective of its own (Quiet-STaR) passes one.
+StepLoss = Callable[..., tuple[torch.Tensor, int, dict[str, float]]]
 
 
 class TrainingConfig(BaseModel):
@@ -61,6 +64,7 @@ class TrainingCurve:
     train_loss: list[float] = field(default_factory=list)  # mean nats per predicted token, per step
     eval_steps: list[int] = field(default_factory=list)
     eval_loss: dict[str, list[float]] = field(default_factory=dict)  # source -> loss at each eval step
+    logged: dict[str, list[float]] = field(default_factory=dict)  # a StepLoss's figures, one per step
     tokens: int = 0  # tokens predicted (real, non-pad targets) over the whole run
     seconds: float = 0.0  # wall time of the run, evaluations included
     train_seconds: float = 0.0  # wall time of the optimisation steps alone
@@ -74,6 +78,7 @@ class TrainingCurve:
             "train_loss": [round(x, 4) for x in self.train_loss],
             "eval_steps": self.eval_steps,
             "eval_loss": {k: [round(x, 4) for x in v] for k, v in self.eval_loss.items()},
+            **({"logged": {k: [round(x, 5) for x in v] for k, v in self.logged.items()}} if self.logged else {}),
             "tokens": self.tokens,
             "seconds": round(self.seconds, 2),
             "train_seconds": round(self.train_seconds, 2),
@@ -197,8 +202,10 @@ def train_causal_lm(
     pad_id: int,
     eval_sets: Mapping[str, Sequence[Row]] | None = None,
     progress: ProgressFn = no_progress,
+    step_loss: StepLoss | None = None,
 ) -> TrainingCurve:
-    """Train `model` in place for config.steps steps; returns the measured curve."""
+    """Train `model` in place for config.steps steps (on causal_lm_loss unless step_loss is given); returns
+    the measured curve. Held-out losses are causal_lm_loss's, of model's own forward."""
     names = _check_sources(sources, mix)
     weights = torch.tensor([float(mix[name]) for name in names])
     eval_sets = dict(eval_sets or {})
@@ -228,7 +235,12 @@ def train_causal_lm(
         for source_id in source_ids.tolist():
             pool = sources[names[source_id]]
             rows.append(pool[int(torch.randint(len(pool), (1,), generator=sampler))])
-        loss_sum, count = causal_lm_loss(model, *collate(rows, pad_id))
+        if step_loss is None:
+            loss_sum, count = causal_lm_loss(model, *collate(rows, pad_id))
+        else:
+            loss_sum, count, figures = step_loss(model, *collate(rows, pad_id))
+            for name, value in figures.items():
+                curve.logged.setdefault(name, []).append(value)
         loss = loss_sum / count
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower the learning rate")

@@ -19,10 +19,12 @@ What the next phase receives (the checkpoint of the output model):
                                       ready for more quantization-aware training.
     bitnet-packed.safetensors         the deployable model: ternary weights packed (packing.py) plus
                                       everything else; services.bitnet.packed_model.load_packed runs it.
+    carried/                          what the input carried (Quiet-STaR's mixing head), unchanged.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -35,7 +37,7 @@ from services.bitnet.packed_model import pack_model, packed_size_report
 from services.bitnet.packing import CODECS, get_codec
 from services.bitnet.qat import quantization_aware_finetune
 from shared.data.skills import check_mix, skill_rows
-from shared.phase import ForgedModel, Phase, PhaseConfig, PhaseResult, ProgressFn, no_progress
+from shared.phase import ForgedModel, Phase, PhaseConfig, PhaseResult, ProgressFn, no_progress, one_float_model
 from shared.scorecard import ScorecardSpec, compare, report_section, score
 from shared.training import Row, TrainingConfig, collate, mean_loss, train_causal_lm
 
@@ -104,11 +106,7 @@ class BitNetPhase(Phase):
     Config = BitNetConfig
 
     def transform(self, models: list[ForgedModel], config: BitNetConfig, progress: ProgressFn = no_progress) -> PhaseResult:
-        if len(models) != 1:
-            raise ValueError(f"the bitnet phase takes exactly one model, got {len(models)}")
-        forged = models[0]
-        if getattr(forged.model.config, "quantization_config", None):
-            raise ValueError(f"model {forged.name!r} is already quantized; the bitnet phase takes a float model")
+        forged = one_float_model(models, self.name)
         tokenizer, pad_id = forged.tokenizer, forged.tokenizer.pad_token_id
         model = copy.deepcopy(forged.model).float().eval()
 
@@ -172,7 +170,7 @@ class BitNetPhase(Phase):
         report["summary"] = _summary(report, cards, config.packing)
         progress(1.0, "packed")
 
-        output = ForgedModel(model=model, tokenizer=tokenizer, name=forged.name)
+        output = dataclasses.replace(forged, model=model)  # the tokenizer, name and carried files go on
         with torch.no_grad():
             packed = pack_model(model, get_codec(config.packing))
         return PhaseResult(models=[output], report=report, extra_files={forged.name: {PACKED_FILE: packed}})

@@ -43,6 +43,18 @@ def test_save_then_load_gives_identical_logits(tokenizer, tmp_path):
     assert loaded.tokenizer.get_vocab() == tokenizer.get_vocab()
 
 
+def test_carried_files_travel_with_the_model_and_are_checked(tokenizer, tmp_path):
+    forged = _forged(tokenizer)
+    forged.carried = {"head.safetensors": b"\x00head bytes"}
+    manifest = _save(forged, tmp_path)
+    assert "carried/head.safetensors" in manifest.files
+    loaded, _ = load_checkpoint(tmp_path)
+    assert loaded.carried == forged.carried
+    (tmp_path / "carried" / "head.safetensors").write_bytes(b"tampered")
+    with pytest.raises(CheckpointError, match="carried/head.safetensors"):
+        load_checkpoint(tmp_path)
+
+
 def test_a_tampered_weight_file_is_refused(tokenizer, tmp_path):
     _save(_forged(tokenizer), tmp_path)
     weights = tmp_path / "model.safetensors"

@@ -114,3 +114,27 @@ def test_bad_config_and_mix_fail_clearly(data):
         train_causal_lm(model, {"all": rows}, {"other": 1.0}, MICRO, pad_id=tokenizer.pad_token_id)
     with pytest.raises(ValueError, match="positive weight"):
         train_causal_lm(model, {"all": rows}, {"all": 0.0}, MICRO, pad_id=tokenizer.pad_token_id)
+
+
+def test_a_step_loss_replaces_the_loss_and_its_figures_are_logged_per_step(data):
+    """A phase's own objective (Quiet-STaR's) runs through the same loop; the causal loss passed as one trains
+    exactly the plain loop's weights."""
+    tokenizer, rows = data
+
+    def trained(step_loss):
+        model = build_model("tiny", len(tokenizer), 0, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        config = MICRO.model_copy(update={"steps": 5})
+        curve = train_causal_lm(model, {"all": rows}, {"all": 1.0}, config, pad_id=tokenizer.pad_token_id,
+                                step_loss=step_loss)
+        return model.state_dict(), curve
+
+    def wrapped(model, *batch):
+        loss_sum, count = causal_lm_loss(model, *batch)
+        return loss_sum, count, {"tokens": float(count)}
+
+    plain, plain_curve = trained(None)
+    custom, curve = trained(wrapped)
+    assert all(torch.equal(plain[k], custom[k]) for k in plain)
+    assert curve.train_loss == plain_curve.train_loss and not plain_curve.logged
+    assert len(curve.logged["tokens"]) == 5 and sum(curve.logged["tokens"]) == curve.tokens
+    assert curve.as_report()["logged"]["tokens"] == curve.logged["tokens"]

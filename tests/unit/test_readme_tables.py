@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from bench.readme import README, render, replace_block
+from bench.quietstar import DEFAULT_OUT as QUIETSTAR_OUT
+from bench.readme import README, rendered
 from bench.seeds import DEFAULT_OUT
 
 pytestmark = pytest.mark.unit
@@ -15,7 +16,8 @@ def test_readme_results_are_generated_from_the_seeds_benchmark_file():
     results = json.loads(DEFAULT_OUT.read_text())
     assert len(results["seeds"]) >= 3 and len({r["seed"] for r in results["seeds"]}) == len(results["seeds"])
     readme = README.read_text()
-    assert replace_block(readme, render(results)) == readme, "run `python -m bench.readme` after `python -m bench.seeds`"
+    quietstar = json.loads(QUIETSTAR_OUT.read_text())
+    assert rendered(readme, results, quietstar) == readme, "run `python -m bench.readme` after the benchmarks"
 
 
 def test_the_file_holds_every_phase_of_every_seed_with_intervals():
@@ -26,3 +28,18 @@ def test_the_file_holds_every_phase_of_every_seed_with_intervals():
                 for metric, value in metrics.items():
                     assert value["ci_low"] <= value["value"] <= value["ci_high"], (record["seed"], phase, name, metric)
         assert set(record["evomerge"]["margins"]) >= {"multitask", "uniform-linear", "base"}
+
+
+def test_the_quietstar_file_holds_the_test_table_and_an_ablation_of_three_thought_lengths():
+    results = json.loads(QUIETSTAR_OUT.read_text())
+    assert set(results["test"]["cards"]) == {"input", "output", "output_thinking"}
+    for card in results["test"]["cards"].values():
+        for metric, value in card["metrics"].items():
+            assert value["ci_low"] <= value["value"] <= value["ci_high"], metric
+    lengths = sorted(int(n) for n in results["ablation"])
+    assert 0 in lengths and len(lengths) >= 3 and results["default_thought_length"] in lengths
+    for run in results["ablation"].values():
+        assert run["validation"]["cards"]["output"]["split"] == "validation"
+        difference = run["validation"]["thinking_vs_not"]["metrics"]["text.bits_per_byte"]
+        assert difference["ci_low"] <= difference["difference"] <= difference["ci_high"]
+        assert run["speed"]["generation"]["with_thoughts"]["tokens_per_second"] > 0
