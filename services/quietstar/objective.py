@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.quietstar.mixing_head import MixingHead
 from services.quietstar.thoughts import (
-    ThoughtEmbeddings, ThoughtTokens, generate_thoughts, layout_hidden, layout_ids, mask_thought_logits, n_blocks)
+    ThoughtEmbeddings, ThoughtTokens, generate_thoughts, layout_hidden, layout_ids, mask_thought_logits, n_blocks,
+    shift_columns)
 
 
 class ObjectiveConfig(BaseModel):
@@ -52,14 +53,6 @@ def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return -F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), reduction="none").view(targets.shape)
 
 
-def _shift(x: torch.Tensor, by: int, fill) -> torch.Tensor:
-    """x[:, i + by] at column i (dim 1), filled past the end."""
-    if by == 0:
-        return x
-    tail = torch.full((x.shape[0], by, *x.shape[2:]), fill, dtype=x.dtype, device=x.device)
-    return torch.cat([x[:, by:], tail], dim=1)
-
-
 def quietstar_loss(trainee: QuietStarModel, tokens: ThoughtTokens, config: ObjectiveConfig, pad_id: int,
                    generator: torch.Generator, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    predicted: torch.Tensor) -> tuple[torch.Tensor, int, dict[str, float]]:
@@ -71,21 +64,21 @@ def quietstar_loss(trainee: QuietStarModel, tokens: ThoughtTokens, config: Objec
     thoughts = generate_thoughts(model, embed, ids, tokens, k, n_true, pad_id, config.temperature, generator)
     hidden = layout_hidden(model, embed, layout_ids(ids, thoughts.tokens, tokens, n_true, pad_id), n_blocks(k, n_true))
     base = hidden[:, 0]
-    base_logprobs = _token_logprobs(mask_thought_logits(model.lm_head(base), tokens), _shift(ids, 1, pad_id))
-    valid = [_shift(counted, 1 + j, False) for j in range(n_true)]  # column i predicts x_{i+1+j}
+    base_logprobs = _token_logprobs(mask_thought_logits(model.lm_head(base), tokens), shift_columns(ids, 1, pad_id))
+    valid = [shift_columns(counted, 1 + j, False) for j in range(n_true)]  # column i predicts x_{i+1+j}
     base_loss = -(base_logprobs * valid[0]).sum() / valid[0].sum().clamp(min=1)
 
     reward = torch.zeros(ids.shape, device=ids.device)
     mixed_losses, weights = [], None
     for j in range(n_true):
-        base_j = _shift(base, j, 0.0)
+        base_j = shift_columns(base, j, 0.0)
         thought_j = hidden[:, k + 2 + j]
         w = head.weight(base_j, thought_j)
         weights = w.squeeze(-1) if j == 0 else weights
         logits = mask_thought_logits(model.lm_head(head.mix(base_j, thought_j, w)), tokens)
-        mixed = _token_logprobs(logits, _shift(ids, 1 + j, pad_id))
+        mixed = _token_logprobs(logits, shift_columns(ids, 1 + j, pad_id))
         mixed_losses.append(-(mixed * valid[j]).sum() / valid[j].sum().clamp(min=1))
-        reward = reward + ((mixed - _shift(base_logprobs, j, 0.0)) * valid[j]).detach()
+        reward = reward + ((mixed - shift_columns(base_logprobs, j, 0.0)) * valid[j]).detach()
     lm_loss = (config.original_loss_weight * base_loss
                + (1 - config.original_loss_weight) * torch.stack(mixed_losses).mean())
 

@@ -136,14 +136,23 @@ def block_positions(n: int, batch: int, width: int, device=None) -> torch.Tensor
     return torch.cat([column + b for b in range(n)])[None].expand(batch, -1)
 
 
+def shift_columns(x: torch.Tensor, by: int, fill) -> torch.Tensor:
+    """x[:, i + by] at column i (dim 1), filled past the end."""
+    if by == 0:
+        return x
+    tail = torch.full((x.shape[0], by, *x.shape[2:]), fill, dtype=x.dtype, device=x.device)
+    return torch.cat([x[:, by:], tail], dim=1)
+
+
+def teacher_forced_blocks(text: torch.Tensor, n_true: int, pad_id: int) -> list[torch.Tensor]:
+    """The blocks after the end token: x_{i+1} .. x_{i+n_true-1} at column i."""
+    return [shift_columns(text, s, pad_id) for s in range(1, n_true)]
+
+
 def layout_ids(text: torch.Tensor, thoughts: torch.Tensor, tokens: ThoughtTokens, n_true: int, pad_id: int) -> torch.Tensor:
     """The N*T token ids: text, start, the thought blocks (B, k, T), end, then the teacher-forced shifts."""
-    batch, width = text.shape
-    start = torch.full_like(text, tokens.start)
-    end = torch.full_like(text, tokens.end)
-    shifted = [torch.cat([text[:, s:], torch.full((batch, s), pad_id, dtype=text.dtype, device=text.device)], dim=1)
-               for s in range(1, n_true)]
-    return torch.cat([text, start, *thoughts.unbind(1), end, *shifted], dim=1)
+    return torch.cat([text, torch.full_like(text, tokens.start), *thoughts.unbind(1), torch.full_like(text, tokens.end),
+                      *teacher_forced_blocks(text, n_true, pad_id)], dim=1)
 
 
 @dataclass
@@ -168,8 +177,7 @@ def generate_thoughts(model, embed: Embed, text: torch.Tensor, tokens: ThoughtTo
     hidden, sampled = [], []
     start = torch.full_like(text, tokens.start)
     end = torch.full_like(text, tokens.end)
-    shifted = layout_ids(text, torch.zeros(batch, 0, width, dtype=text.dtype, device=device), tokens, n_true,
-                         pad_id)[:, 3 * width :]  # the teacher-forced blocks
+    forced = teacher_forced_blocks(text, n_true, pad_id)
     block_ids = text
     for b in range(n):
         rows = slice(b * width, (b + 1) * width)
@@ -187,7 +195,7 @@ def generate_thoughts(model, embed: Embed, text: torch.Tensor, tokens: ThoughtTo
             elif b == thought_length + 1:
                 block_ids = end
             else:
-                block_ids = shifted[:, (b - thought_length - 2) * width : (b - thought_length - 1) * width]
+                block_ids = forced[b - thought_length - 2]
     thought = torch.stack(sampled, dim=1) if sampled else torch.zeros(batch, 0, width, dtype=text.dtype, device=device)
     return Thoughts(tokens=thought, hidden=torch.stack(hidden, dim=1))
 
