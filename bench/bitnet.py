@@ -24,9 +24,9 @@ import shared  # noqa: F401  first: it sets the OpenMP wait policy before torch 
 import torch
 from safetensors import safe_open
 
-from services.bitnet.bitlinear import convert_to_bitnet
-from services.bitnet.packed_model import load_packed, pack_model
-from services.bitnet.packing import CODECS
+from shared.ternary.bitlinear import convert_to_bitnet
+from shared.ternary.packed_model import load_packed, pack_model
+from shared.ternary.packing import CODECS
 from services.bitnet.phase import PACKED_FILE
 from shared.checkpoint import load_checkpoint
 from shared.models import build_model, get_preset

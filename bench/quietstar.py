@@ -12,14 +12,13 @@ Everything goes to bench/results/quietstar.json, from which bench.readme writes 
 """
 from __future__ import annotations
 
-import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 import typer
 
+from bench.results_file import write_results
 from services.bitnet.__main__ import train_float_model
 from services.bitnet.phase import BitNetConfig
 from services.quietstar.mixing_head import MIXING_HEAD_FILE, load_head
@@ -30,7 +29,7 @@ from shared.checkpoint import load_checkpoint
 from shared.data.tasks import make_examples
 from shared.models import get_preset
 from shared.phase import print_every_percent
-from shared.scorecard import compare, score, without_items
+from shared.scorecard import compare, comparison_figures, score, without_items
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "quietstar.json"
 STAND_IN_STEPS = 600
@@ -38,12 +37,6 @@ COST_PROMPTS = 64
 ABLATION_PROBLEMS = 250  # a task, on validation (its smallest headline pool, sequences, holds 279)
 COST_NEW_TOKENS = 16
 cli = typer.Typer(add_completion=False)
-
-
-def _figures(comparison: dict) -> dict:
-    return {"relation": comparison["relation"],
-            "metrics": {name: {key: d[key] for key in ("difference", "ci_low", "ci_high", "verdict")}
-                        for name, d in comparison["metrics"].items()}}
 
 
 def _timed(run) -> tuple[int, float]:
@@ -121,8 +114,8 @@ def main(
             "reward": result.report["reward"],
             "mean_w_last": sum(result.report["training_curve"]["logged"]["mean_w"][-30:]) / 30,
             "validation": {"cards": {name: without_items(card) for name, card in cards.items()},
-                           "thinking_vs_not": _figures(compare(cards["output_thinking"], cards["output"])),
-                           "thinking_vs_input": _figures(compare(cards["output_thinking"], cards["input"]))},
+                           "thinking_vs_not": comparison_figures(compare(cards["output_thinking"], cards["output"])),
+                           "thinking_vs_input": comparison_figures(compare(cards["output_thinking"], cards["input"]))},
             "speed": {"generation": {"without_thoughts": generation_speed(output.model, output.tokenizer, prompts),
                                      "with_thoughts": generation_speed(thinking, output.tokenizer, prompts)},
                       "scoring": {"without_thoughts": scoring_speed(output.model, output.tokenizer, prompts),
@@ -140,16 +133,12 @@ def main(
         "config": default.model_dump(mode="json"),
         "test": {"cards": {name: without_items(card) for name, card in section["cards"].items()},
                  "spec": section["spec"],
-                 "comparisons": {name: _figures(c) for name, c in report["comparisons"].items()},
+                 "comparisons": {name: comparison_figures(c) for name, c in report["comparisons"].items()},
                  "reward": report["reward"], "logged": report["training_curve"]["logged"]},
         "ablation": runs,
         "cost_batch": f"{COST_PROMPTS} word-problem prompts (validation), up to {COST_NEW_TOKENS} new tokens each",
-        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
-        "seconds": round(time.perf_counter() - started, 1),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    typer.echo(f"wrote {out}")
+    write_results(out, results, started)
 
 
 if __name__ == "__main__":

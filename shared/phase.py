@@ -93,13 +93,34 @@ class Phase(ABC):
         """Turn the input models into output models and a report of measured numbers."""
 
 
-def one_float_model(models: list[ForgedModel], phase: str) -> ForgedModel:
-    """The one model a phase that trains a float model takes; a ValueError for more, fewer or a quantized one."""
+def _quant_method(forged: ForgedModel) -> str | None:
+    quantization = getattr(forged.model.config, "quantization_config", None)
+    if not quantization:
+        return None
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
+    return str(getattr(method, "value", method))  # transformers' QuantizationMethod enum, or its string
+
+
+def _one_model(models: list[ForgedModel], phase: str) -> ForgedModel:
     if len(models) != 1:
         raise ValueError(f"the {phase} phase takes exactly one model, got {len(models)}")
-    if getattr(models[0].model.config, "quantization_config", None):
-        raise ValueError(f"model {models[0].name!r} is already quantized; the {phase} phase takes a float model")
     return models[0]
+
+
+def one_float_model(models: list[ForgedModel], phase: str) -> ForgedModel:
+    """The one model a phase that trains a float model takes; a ValueError for more, fewer or a quantized one."""
+    forged = _one_model(models, phase)
+    if _quant_method(forged):
+        raise ValueError(f"model {forged.name!r} is already quantized; the {phase} phase takes a float model")
+    return forged
+
+
+def one_ternary_model(models: list[ForgedModel], phase: str) -> ForgedModel:
+    """The one ternary (BitNet) model a phase after BitNet takes; a ValueError for more, fewer or another kind."""
+    forged = _one_model(models, phase)
+    if _quant_method(forged) != "bitnet":
+        raise ValueError(f"model {forged.name!r} is not a BitNet model; the {phase} phase takes BitNet's output")
+    return forged
 
 
 class UnknownPhaseError(LookupError):

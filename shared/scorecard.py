@@ -305,6 +305,14 @@ def compare(card: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
             "relation": pareto_relation([metrics[name]["verdict"] for name in headline])}
 
 
+def comparison_figures(comparison: dict[str, Any]) -> dict[str, Any]:
+    """A compare() result reduced to what a results file keeps: the relation and each metric's difference,
+    interval and verdict."""
+    return {"relation": comparison["relation"],
+            "metrics": {name: {key: d[key] for key in ("difference", "ci_low", "ci_high", "verdict")}
+                        for name, d in comparison["metrics"].items()}}
+
+
 def without_items(card: dict[str, Any]) -> dict[str, Any]:
     """The card's metrics alone (for search logs, where thousands of candidates are scored)."""
     return {key: value for key, value in card.items() if key != "items"}

@@ -18,12 +18,14 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
+from shared.grokfast import GrokfastConfig, GrokfastEMA
 from shared.phase import ProgressFn, no_progress
 
 Row = list[int]
@@ -49,6 +51,7 @@ class TrainingConfig(BaseModel):
     eval_every: int = Field(50, ge=1)  # steps between held-out evaluations (and one at the end)
     seed: int = 0
     threads: int = Field(2, ge=1)  # torch intra-op threads; fixed so results repeat
+    grokfast: GrokfastConfig = GrokfastConfig()  # the slow-gradient filter (shared.grokfast); off by default
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainingConfig:
@@ -193,27 +196,60 @@ def _check_sources(sources: Mapping[str, Sequence[Row]], mix: Mapping[str, float
     return names
 
 
+class Feed(Protocol):
+    """What each step trains on. The loop asks for a batch before the step and tells the feed after it,
+    so a feed may change what it serves as training goes (Forge's curriculum and replay)."""
+
+    def draw(self, step: int, batch_size: int, generator: torch.Generator) -> list[Row]: ...
+
+    def after_step(self, step: int, model: torch.nn.Module, rows: list[Row]) -> None: ...
+
+
+class MixFeed:
+    """The default feed: every row from a source chosen by weight, then a row of it uniformly."""
+
+    def __init__(self, sources: Mapping[str, Sequence[Row]], mix: Mapping[str, float]):
+        self.names = _check_sources(sources, mix)
+        self.weights = torch.tensor([float(mix[name]) for name in self.names])
+        self.sources = sources
+
+    def draw(self, step: int, batch_size: int, generator: torch.Generator) -> list[Row]:
+        source_ids = torch.multinomial(self.weights, batch_size, replacement=True, generator=generator)
+        rows = []
+        for source_id in source_ids.tolist():
+            pool = self.sources[self.names[source_id]]
+            rows.append(pool[int(torch.randint(len(pool), (1,), generator=generator))])
+        return rows
+
+    def after_step(self, step: int, model: torch.nn.Module, rows: list[Row]) -> None:
+        return None
+
+
 def train_causal_lm(
     model: torch.nn.Module,
-    sources: Mapping[str, Sequence[Row]],
-    mix: Mapping[str, float],
+    sources: Mapping[str, Sequence[Row]] | None,
+    mix: Mapping[str, float] | None,
     config: TrainingConfig,
     *,
     pad_id: int,
     eval_sets: Mapping[str, Sequence[Row]] | None = None,
     progress: ProgressFn = no_progress,
     step_loss: StepLoss | None = None,
+    feed: Feed | None = None,
 ) -> TrainingCurve:
     """Train `model` in place for config.steps steps (on causal_lm_loss unless step_loss is given); returns
-    the measured curve. Held-out losses are causal_lm_loss's, of model's own forward."""
-    names = _check_sources(sources, mix)
-    weights = torch.tensor([float(mix[name]) for name in names])
+    the measured curve. Batches come from MixFeed(sources, mix), or from `feed` (then sources and mix are
+    None). Held-out losses are causal_lm_loss's, of model's own forward."""
+    if (feed is None) == (sources is None and mix is None):
+        raise ValueError("give either sources and mix or a feed, not both")
+    feed = feed or MixFeed(sources, mix)
     eval_sets = dict(eval_sets or {})
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)  # dropout-free model, but any stochastic layer draws from here
     sampler = torch.Generator().manual_seed(config.seed)  # batch composition, independent of the model
 
     optimizer = _optimizer(model, config)
+    grokfast = GrokfastEMA(config.grokfast) if config.grokfast.enabled else None
     schedule = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, config.warmup_steps, config.steps, min_lr_rate=config.min_lr_ratio
     )
@@ -230,11 +266,7 @@ def train_causal_lm(
         if step % config.eval_every == 0 and eval_sets:
             evaluate(step)
         step_started = time.perf_counter()
-        source_ids = torch.multinomial(weights, config.batch_size, replacement=True, generator=sampler)
-        rows = []
-        for source_id in source_ids.tolist():
-            pool = sources[names[source_id]]
-            rows.append(pool[int(torch.randint(len(pool), (1,), generator=sampler))])
+        rows = feed.draw(step, config.batch_size, sampler)
         if step_loss is None:
             loss_sum, count = causal_lm_loss(model, *collate(rows, pad_id))
         else:
@@ -246,12 +278,15 @@ def train_causal_lm(
             raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if grokfast is not None:
+            grokfast.filter(model.parameters())
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         schedule.step()
         curve.train_loss.append(loss.item())
         curve.tokens += count
         curve.train_seconds += time.perf_counter() - step_started
+        feed.after_step(step, model, rows)
         progress((step + 1) / config.steps, f"step {step + 1}/{config.steps} loss {loss.item():.3f}")
     if eval_sets:
         evaluate(config.steps)

@@ -1,8 +1,8 @@
 """Shared pytest set-up. Infrastructure fixtures live in tests/plugins/ and are loaded here."""
-import shared  # noqa: F401  first: it sets the OpenMP wait policy before torch starts its threads
-
 import pytest
 import torch
+
+import shared  # noqa: F401  first: it sets the OpenMP wait policy before torch starts its threads
 
 pytest_plugins = ["tests.plugins.infra"]
 
@@ -13,6 +13,17 @@ def eager_torch():
     minute of compiling."""
     with torch.compiler.set_stance("force_eager"):
         yield
+
+
+@pytest.fixture(scope="session")
+def small_corpus():
+    """A 512-token BPE trained on sums and one sentence, and those texts as 32-token training rows."""
+    from shared.tokenizer import train_tokenizer
+    from shared.training import encode_texts
+
+    texts = [f"{a} + {b} = {a + b}\n" for a in range(10) for b in range(10)] + ["the cat sat on the mat.\n"] * 20
+    tokenizer = train_tokenizer(texts, 512, 32)
+    return tokenizer, encode_texts(tokenizer, texts, 32)
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +43,12 @@ def tiny_champion(tiny_cognate):
 
     phase = EvoMergePhase()
     return phase.transform(tiny_cognate.models, phase.parse_config({}))
+
+
+@pytest.fixture(scope="session")
+def tiny_ternary(tiny_champion):
+    """BitNet on its defaults over tiny_champion's model, as `make run` quantizes it (a few minutes)."""
+    from services.bitnet.phase import BitNetPhase
+
+    phase = BitNetPhase()
+    return phase.transform(tiny_champion.models, phase.parse_config({}))

@@ -18,7 +18,7 @@ What the next phase receives (the checkpoint of the output model):
                                       trainable ternary layers (AutoBitLinear) computing the same logits,
                                       ready for more quantization-aware training.
     bitnet-packed.safetensors         the deployable model: ternary weights packed (packing.py) plus
-                                      everything else; services.bitnet.packed_model.load_packed runs it.
+                                      everything else; shared.ternary.packed_model.load_packed runs it.
     carried/                          what the input carried (Quiet-STaR's mixing head), unchanged.
 """
 from __future__ import annotations
@@ -32,16 +32,15 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
-from services.bitnet.bitlinear import DEFAULT_KEEP_FULL_PRECISION, convert_to_bitnet, measure_input_rms
-from services.bitnet.packed_model import pack_model, packed_size_report
-from services.bitnet.packing import CODECS, get_codec
+from shared.ternary.bitlinear import DEFAULT_KEEP_FULL_PRECISION, convert_to_bitnet, measure_input_rms
+from shared.ternary.packed_model import PACKED_FILE, pack_model, packed_size_report
+from shared.ternary.packing import CODECS, get_codec
 from services.bitnet.qat import quantization_aware_finetune
 from shared.data.skills import check_mix, skill_rows
 from shared.phase import ForgedModel, Phase, PhaseConfig, PhaseResult, ProgressFn, no_progress, one_float_model
 from shared.scorecard import ScorecardSpec, compare, report_section, score
 from shared.training import Row, TrainingConfig, collate, mean_loss, train_causal_lm
 
-PACKED_FILE = "bitnet-packed.safetensors"
 
 
 class BitNetConfig(PhaseConfig):

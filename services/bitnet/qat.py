@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from services.bitnet.bitlinear import bit_linears, set_quant_strength
+from shared.ternary.bitlinear import bit_linears, set_quant_strength
 from shared.phase import ProgressFn, no_progress
 from shared.training import Row, TrainingConfig, TrainingCurve, train_causal_lm
 

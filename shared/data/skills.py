@@ -33,9 +33,11 @@ def check_mix(mix: dict[str, float]) -> dict[str, float]:
     return mix
 
 
-def task_texts(source: str, split: str, n: int, seed: int) -> list[str]:
-    """n formatted examples of a task source ("reasoning" or "tools"), with repetition."""
-    suites, levels = {"reasoning": (REASONING_SUITES, REASONING_LEVELS), "tools": (TOOL_SUITES, TOOL_LEVELS)}[source]
+def task_texts(source: str, split: str, n: int, seed: int, levels: tuple[int, ...] | None = None) -> list[str]:
+    """n formatted examples of a task source ("reasoning" or "tools"), with repetition; at the source's own
+    levels unless `levels` says others (Forge's curriculum feeds harder reasoning)."""
+    suites, own_levels = {"reasoning": (REASONING_SUITES, REASONING_LEVELS), "tools": (TOOL_SUITES, TOOL_LEVELS)}[source]
+    levels = levels or own_levels
     return [format_for_training(e) for e in islice(training_stream(suites, levels, split, seed), n)]
 
 

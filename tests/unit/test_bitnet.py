@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from services.bitnet.bitlinear import (
+from shared.ternary.bitlinear import (
     BitLinear,
     convert_to_bitnet,
     measure_input_rms,
@@ -14,8 +14,8 @@ from services.bitnet.bitlinear import (
     set_quant_strength,
     ternarize,
 )
-from services.bitnet.packed_model import PackedBitLinear, load_packed, pack_model, packed_size_report
-from services.bitnet.packing import BASE3, CODECS, TWO_BIT, bits_per_weight, pack_ternary, unpack_ternary
+from shared.ternary.packed_model import PackedBitLinear, load_packed, pack_model, packed_size_report
+from shared.ternary.packing import BASE3, CODECS, TWO_BIT, bits_per_weight, pack_ternary, unpack_ternary
 
 pytestmark = pytest.mark.unit
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from services.bitnet.__main__ import train_float_model
-from services.bitnet.bitlinear import BitLinear
-from services.bitnet.packed_model import load_packed
+from shared.ternary.bitlinear import BitLinear
+from shared.ternary.packed_model import load_packed
 from services.bitnet.phase import PACKED_FILE, BitNetConfig, BitNetPhase
 from services.bitnet.qat import quant_strength_at
 from shared.checkpoint import load_checkpoint, save_checkpoint
@@ -146,9 +146,9 @@ def test_bad_input_is_refused(micro_model, result):
         phase.transform(result.models, MICRO)
 
 
-def test_the_tiny_champions_tool_use_survives_quantization(tiny_champion):
+def test_the_tiny_champions_tool_use_survives_quantization(tiny_ternary):
     """The check on what `make run` quantizes: BitNet trains on every skill of its input, so the champion's
     tool-call success on the test split drops by at most 0.10 (the report states the loss either way)."""
-    result = BitNetPhase().transform(tiny_champion.models, BitNetConfig())
+    result = tiny_ternary
     assert_one_scorecard(result.report)
     assert result.report["tool_use"]["kept"], result.report["tool_use"]

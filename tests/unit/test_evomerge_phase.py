@@ -21,6 +21,7 @@ from shared.checkpoint import save_checkpoint
 from shared.phase import ForgedModel, get_phase
 from shared.scorecard import LOG2, ScorecardSpec, card_from_items, values
 from shared.tokenizer import train_tokenizer
+from shared.training import TrainingConfig
 from tests.scorecard_checks import assert_one_scorecard
 from tests.unit.test_merge_methods import tiny_config, tiny_family
 
@@ -174,7 +175,14 @@ def test_champion_beats_every_tiny_cognate_parent_on_test(tiny_champion, tiny_co
     assert report["champion_beats_every_parent_with_95pct_significance"] == all(
         margins[name]["ci_low"] > 0 for name in parents), margins
     assert "champion_beats_multitask_with_95pct_significance" in report["summary"]
-    again = apply_recipe(report["champion"]["recipe"], tiny_cognate.models, name="evomerge")
+    # Merged with the thread count the fixture's Cognate training left set; float sums round differently with
+    # another count (one CI run's earlier tests had left 1), so the replay runs with the same one.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TrainingConfig().threads)
+    try:
+        again = apply_recipe(report["champion"]["recipe"], tiny_cognate.models, name="evomerge")
+    finally:
+        torch.set_num_threads(threads)
     digests = [save_checkpoint(m, tmp_path / str(i), phase="evomerge", code_version="1", config={}, config_hash="",
                                parents=[]).digest for i, m in enumerate([tiny_champion.models[0], again])]
     assert digests[0] == digests[1]

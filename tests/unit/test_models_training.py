@@ -5,23 +5,22 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from shared.models import build_model
-from shared.tokenizer import train_tokenizer
 from shared.calculator import result_spans
+from shared.models import build_model
 from shared.training import (
-    NOT_PREDICTED, TrainingConfig, causal_lm_loss, collate, encode_texts, mean_loss, pack_rows, train_causal_lm,
+    NOT_PREDICTED,
+    TrainingConfig,
+    causal_lm_loss,
+    collate,
+    encode_texts,
+    mean_loss,
+    pack_rows,
+    train_causal_lm,
 )
 
 pytestmark = pytest.mark.unit
 EOS, PAD = 0, 1
 MICRO = TrainingConfig(steps=30, batch_size=4, learning_rate=1e-2, warmup_steps=3, eval_every=10, threads=1)
-
-
-@pytest.fixture(scope="module")
-def data():
-    texts = [f"{a} + {b} = {a + b}\n" for a in range(10) for b in range(10)] + ["the cat sat on the mat.\n"] * 20
-    tokenizer = train_tokenizer(texts, 512, 32)
-    return tokenizer, encode_texts(tokenizer, texts, 32)
 
 
 def test_pack_rows_keeps_pieces_whole_and_rows_short():
@@ -52,8 +51,8 @@ def test_loss_is_next_token_nll_and_padding_counts_for_nothing():
     assert torch.allclose(batch_sum, alone_sum + short_sum, atol=1e-4)
 
 
-def test_read_only_tokens_are_read_but_never_predicted(data):
-    tokenizer, _ = data
+def test_read_only_tokens_are_read_but_never_predicted(small_corpus):
+    tokenizer, _ = small_corpus
     text = "1 + 2 <calc>1+2</calc><result>3</result> 3\n"
     (row,) = encode_texts(tokenizer, [text], 64, read_only=result_spans)
     tokens = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -69,8 +68,8 @@ def test_read_only_tokens_are_read_but_never_predicted(data):
     assert row[0] < NOT_PREDICTED
 
 
-def test_training_lowers_held_out_loss_and_records_the_curve(data):
-    tokenizer, rows = data
+def test_training_lowers_held_out_loss_and_records_the_curve(small_corpus):
+    tokenizer, rows = small_corpus
     model = build_model("tiny", len(tokenizer), 0, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     before = mean_loss(model, rows[:8], tokenizer.pad_token_id)
     seen = []
@@ -82,8 +81,8 @@ def test_training_lowers_held_out_loss_and_records_the_curve(data):
     assert seen[-1] == 1.0 and curve.tokens > 0 and curve.tokens_per_second > 0
 
 
-def test_same_seed_and_data_give_the_same_weights(data):
-    tokenizer, rows = data
+def test_same_seed_and_data_give_the_same_weights(small_corpus):
+    tokenizer, rows = small_corpus
 
     half = len(rows) // 2
     sources = {"sums": rows[:half], "cats": rows[half:]}
@@ -103,8 +102,8 @@ def test_same_seed_and_data_give_the_same_weights(data):
     assert all(torch.equal(a[k], reordered[k]) for k in a)
 
 
-def test_bad_config_and_mix_fail_clearly(data):
-    tokenizer, rows = data
+def test_bad_config_and_mix_fail_clearly(small_corpus):
+    tokenizer, rows = small_corpus
     with pytest.raises(ValidationError, match="warmup_steps"):
         TrainingConfig(steps=5, warmup_steps=5)
     with pytest.raises(ValidationError):
@@ -116,10 +115,10 @@ def test_bad_config_and_mix_fail_clearly(data):
         train_causal_lm(model, {"all": rows}, {"all": 0.0}, MICRO, pad_id=tokenizer.pad_token_id)
 
 
-def test_a_step_loss_replaces_the_loss_and_its_figures_are_logged_per_step(data):
+def test_a_step_loss_replaces_the_loss_and_its_figures_are_logged_per_step(small_corpus):
     """A phase's own objective (Quiet-STaR's) runs through the same loop; the causal loss passed as one trains
     exactly the plain loop's weights."""
-    tokenizer, rows = data
+    tokenizer, rows = small_corpus
 
     def trained(step_loss):
         model = build_model("tiny", len(tokenizer), 0, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)

@@ -5,8 +5,9 @@ import json
 
 import pytest
 
+from bench.forge import DEFAULT_OUT as FORGE_OUT
 from bench.quietstar import DEFAULT_OUT as QUIETSTAR_OUT
-from bench.readme import README, rendered
+from bench.readme import README, load_results, rendered
 from bench.seeds import DEFAULT_OUT
 
 pytestmark = pytest.mark.unit
@@ -16,8 +17,7 @@ def test_readme_results_are_generated_from_the_seeds_benchmark_file():
     results = json.loads(DEFAULT_OUT.read_text())
     assert len(results["seeds"]) >= 3 and len({r["seed"] for r in results["seeds"]}) == len(results["seeds"])
     readme = README.read_text()
-    quietstar = json.loads(QUIETSTAR_OUT.read_text())
-    assert rendered(readme, results, quietstar) == readme, "run `python -m bench.readme` after the benchmarks"
+    assert rendered(readme, load_results()) == readme, "run `python -m bench.readme` after the benchmarks"
 
 
 def test_the_file_holds_every_phase_of_every_seed_with_intervals():
@@ -43,3 +43,17 @@ def test_the_quietstar_file_holds_the_test_table_and_an_ablation_of_three_though
         difference = run["validation"]["thinking_vs_not"]["metrics"]["text.bits_per_byte"]
         assert difference["ci_low"] <= difference["difference"] <= difference["ci_high"]
         assert run["speed"]["generation"]["with_thoughts"]["tokens_per_second"] > 0
+
+
+def test_the_forge_file_holds_every_ablation_run_and_the_ternary_check():
+    results = json.loads(FORGE_OUT.read_text())
+    cards = results["test"]["cards"]
+    assert set(cards) == {"input", "forge", "no_grokfast", "no_curriculum", "no_self_model", "no_dream", "all_off"}
+    for card in cards.values():
+        assert card["split"] == "test"
+        for metric, value in card["metrics"].items():
+            assert value["ci_low"] <= value["value"] <= value["ci_high"], metric
+    assert set(results["test"]["ablation"]) == set(cards) - {"input", "forge"}
+    assert results["ternary"]["same_packed_size"]
+    steps = results["config"]["training"]["steps"]
+    assert all(len(run["train_loss"]) == steps for run in results["runs"].values())

@@ -162,6 +162,32 @@ def convert_to_bitnet(
     return replaced
 
 
+def adopt_bit_linears(model: nn.Module) -> list[str]:
+    """Replace, in place, every transformers AutoBitLinear (what load_checkpoint rebuilds from a BitNet
+    checkpoint) by the BitLinear computing the same thing, so that later phases train, set the quant
+    strength of and pack one kind of ternary layer; return their names. A model with BitLinear layers
+    already (the embedded pipeline hands them on in memory) is left as it is."""
+    from transformers.integrations.bitnet import AutoBitLinear
+
+    adopted = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, AutoBitLinear):
+            continue
+        if not module.online_quant or module.rms_norm is None:
+            raise ValueError(f"{name}: only online-quantized AutoBitLinear layers with an input norm can be trained")
+        bit = BitLinear(module.in_features, module.out_features, module.bias is not None,
+                        rms_norm_eps=module.rms_norm.variance_epsilon)
+        bit.to(device=module.weight.device, dtype=module.weight.dtype)
+        with torch.no_grad():
+            bit.weight.copy_(module.weight)
+            bit.rms_norm.weight.copy_(module.rms_norm.weight)
+            if module.bias is not None:
+                bit.bias.copy_(module.bias)
+        model.set_submodule(name, bit)
+        adopted.append(name)
+    return adopted
+
+
 def bit_linears(model: nn.Module) -> Iterable[tuple[str, BitLinear]]:
     return ((name, m) for name, m in model.named_modules() if isinstance(m, BitLinear))
 

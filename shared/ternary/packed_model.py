@@ -24,10 +24,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from services.bitnet.bitlinear import bit_linears, quantize_activations, ternarize
-from services.bitnet.packing import Codec, get_codec, pack_ternary, unpack_ternary
+from shared.ternary.bitlinear import bit_linears, quantize_activations, ternarize
+from shared.ternary.packing import Codec, get_codec, pack_ternary, unpack_ternary
 
 FORMAT = "agentforge.bitnet-packed/v1"
+PACKED_FILE = "bitnet-packed.safetensors"  # its name in a checkpoint's extra files (BitNet's and every later phase's)
 
 
 class PackedBitLinear(nn.Module):
