@@ -6,7 +6,7 @@ UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 export UV_CACHE_DIR ?= $(HOME)/.cache/agentforge/uv
 export UV_LINK_MODE ?= hardlink
 
-.PHONY: venv run test test-unit infra-install infra-up infra-down bench bench-seeds bench-quietstar bench-forge bench-grokfast clean
+.PHONY: venv run test test-unit infra-install infra-up infra-down bench bench-seeds bench-quietstar bench-forge bench-grokfast bench-baking clean
 
 $(UV):
 	$(PYTHON) -m pip install --user --quiet uv
@@ -64,6 +64,11 @@ bench-grokfast: venv
 ## Forge training on a stand-in BitNet model with its ablation runs (about half an hour); bench/results/forge.json.
 bench-forge: venv
 	$(BIN)/python -m bench.forge
+	$(BIN)/python -m bench.readme
+
+## Prompt baking on a stand-in: the defaults, without the anchor, with peft's student (about an hour); bench/results/baking.json.
+bench-baking: venv
+	$(BIN)/python -m bench.baking
 	$(BIN)/python -m bench.readme
 
 clean:

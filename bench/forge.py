@@ -3,9 +3,7 @@
     .venv/bin/python -m bench.forge                       # about half an hour on 2 cores
     .venv/bin/python -m bench.forge --checkpoint DIR      # on BitNet's output from a run instead
 
-Without --checkpoint the input is a stand-in for the pipeline's BitNet output: a `tiny` float model trained
-on the skills mix (services.bitnet.__main__.train_float_model, as bench.quietstar's stand-in), then BitNet
-on its defaults. The phase report itself holds every number (it trains the output, each mechanism off in
+Without --checkpoint the input is a stand-in for the pipeline's BitNet output (bench.stand_in). The phase report itself holds every number (it trains the output, each mechanism off in
 turn and all off, at equal steps, data and seed, and scores each on the shared scorecard); this script keeps
 what the README shows in bench/results/forge.json, from which bench.readme writes the README's Forge block.
 """
@@ -17,16 +15,12 @@ from pathlib import Path
 import typer
 
 from bench.results_file import write_results
-from services.bitnet.__main__ import train_float_model
-from services.bitnet.phase import BitNetConfig, BitNetPhase
+from bench.stand_in import ternary_input
 from services.forge.phase import ForgePhase
-from shared.checkpoint import load_checkpoint
-from shared.models import get_preset
 from shared.phase import print_every_percent
 from shared.scorecard import comparison_figures, without_items
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "forge.json"
-STAND_IN_STEPS = 600
 cli = typer.Typer(add_completion=False)
 
 
@@ -48,16 +42,7 @@ def main(
     out: Path = typer.Option(DEFAULT_OUT, help="results file"),
 ) -> None:
     started = time.perf_counter()
-    if checkpoint is None:
-        stand_in = BitNetConfig(seed=seed)
-        float_model = train_float_model(get_preset("tiny"), stand_in, STAND_IN_STEPS, "stand-in")
-        typer.echo("BitNet on its defaults:")
-        forged = BitNetPhase().transform([float_model], stand_in, print_every_percent(typer.echo)).models[0]
-        source = (f"a tiny float model trained {STAND_IN_STEPS} steps on the skills mix (seed {seed}), "
-                  "then BitNet on its defaults")
-    else:
-        forged, manifest = load_checkpoint(checkpoint)
-        source = f"checkpoint {manifest.name} ({manifest.phase}, digest {manifest.digest[:12]})"
+    forged, source = ternary_input(checkpoint, seed)
     phase = ForgePhase()
     config = phase.parse_config({"seed": seed})
     typer.echo("Forge on its defaults, with the ablation runs:")

@@ -6,7 +6,8 @@
   log-likelihood. Token perplexity is not reported: it does not compare across tokenizers.
 - greedy_continuations: batched greedy generation from prompts, stopped at the terminator (or other stop
   strings); generative tasks are scored on what it writes (shared.tool_runtime, shared.scorecard), never
-  by a teacher-forced proxy.
+  by a teacher-forced proxy. sampled_continuations samples instead, at a temperature, seeded (prompt
+  baking's trajectories).
 - choice_loglikelihoods: the summed log-probability of " " + choice for every choice (lm-eval's acc is
   its argmax).
 Accuracies carry a 95% Wilson interval. Everything runs under torch.no_grad in eval mode.
@@ -190,6 +191,24 @@ def greedy_continuations(
 ) -> list[str]:
     """Greedy continuation of each prompt (left-padded batches), stopped at a stop string or EOS. A row that
     stops early may carry text past its stop string (the batch generates on): callers cut at the first one."""
+    return _continuations(model, tokenizer, prompts, max_new_tokens, batch_size, stop_strings, do_sample=False)
+
+
+def sampled_continuations(
+    model, tokenizer, prompts: Sequence[str], max_new_tokens: int, temperature: float, seed: int,
+    batch_size: int = 16, stop_strings: Sequence[str] = (TERMINATOR,),
+) -> list[str]:
+    """As greedy_continuations, but each token sampled from the softmax at `temperature` (no top-k or
+    top-p cut); the same seed, prompts and batch size give the same samples."""
+    if temperature <= 0:
+        raise ValueError(f"sampling needs a temperature above 0, got {temperature}")
+    torch.manual_seed(seed)  # transformers' sampling draws from the global generator
+    return _continuations(model, tokenizer, prompts, max_new_tokens, batch_size, stop_strings,
+                          do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+
+
+def _continuations(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
+                   stop_strings: Sequence[str], **decoding) -> list[str]:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix_token_id(tokenizer)
     outputs: list[str] = []
     with _evaluating(model) as device:
@@ -204,11 +223,11 @@ def greedy_continuations(
             generated = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
-                do_sample=False,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=pad,
-                stop_strings=list(stop_strings),
+                stop_strings=list(stop_strings) or None,
                 tokenizer=tokenizer,
+                **decoding,
             )
             outputs += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
     return outputs

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from shared.calculator import CALC_CLOSE, CALC_OPEN, ERROR_PREFIX, execute, result_text
 from shared.data.tasks import TERMINATOR, extract_answer
-from shared.evaluation import greedy_continuations
+from shared.evaluation import greedy_continuations, sampled_continuations
 
 # (prompts, max_new_tokens, stop_strings) -> one continuation per prompt, ending at the first stop string or earlier.
 Generate = Callable[[Sequence[str], int, Sequence[str]], list[str]]
@@ -89,5 +89,17 @@ def greedy_with_tools(model, tokenizer, prompts: Sequence[str], max_new_tokens: 
 
     def generate(batch_prompts: Sequence[str], new_tokens: int, stops: Sequence[str]) -> list[str]:
         return greedy_continuations(model, tokenizer, batch_prompts, new_tokens, batch_size, stop_strings=stops)
+
+    return run_with_tools(generate, prompts, max_new_tokens, max_calls)
+
+
+def sampled_with_tools(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, temperature: float, seed: int,
+                       max_calls: int = DEFAULT_MAX_CALLS, batch_size: int = 64) -> list[Transcript]:
+    """As greedy_with_tools, each token sampled at `temperature`; round r of the runtime draws with seed + r."""
+    rounds = iter(range(max_calls + 1))
+
+    def generate(batch_prompts: Sequence[str], new_tokens: int, stops: Sequence[str]) -> list[str]:
+        return sampled_continuations(model, tokenizer, batch_prompts, new_tokens, temperature, seed + next(rounds),
+                                     batch_size, stop_strings=stops)
 
     return run_with_tools(generate, prompts, max_new_tokens, max_calls)

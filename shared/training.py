@@ -34,6 +34,8 @@ ReadOnlySpans = Callable[[str], list[tuple[int, int]]]  # text -> [start, end) c
 # (model, input_ids, attention_mask, predicted) -> (loss summed over its tokens, token count, figures to log).
 # The default is causal_lm_loss; a phase with an objective of its own (Quiet-STaR) passes one.
 StepLoss = Callable[..., tuple[torch.Tensor, int, dict[str, float]]]
+# (model, rows) -> a held-out loss of the rows; the default is mean_loss.
+EvalLoss = Callable[[torch.nn.Module, Sequence[Row]], float]
 
 
 class TrainingConfig(BaseModel):
@@ -68,6 +70,7 @@ class TrainingCurve:
     eval_steps: list[int] = field(default_factory=list)
     eval_loss: dict[str, list[float]] = field(default_factory=dict)  # source -> loss at each eval step
     logged: dict[str, list[float]] = field(default_factory=dict)  # a StepLoss's figures, one per step
+    best_step: int | None = None  # the evaluation whose weights the model ends with (keep_best), else None
     tokens: int = 0  # tokens predicted (real, non-pad targets) over the whole run
     seconds: float = 0.0  # wall time of the run, evaluations included
     train_seconds: float = 0.0  # wall time of the optimisation steps alone
@@ -81,6 +84,7 @@ class TrainingCurve:
             "train_loss": [round(x, 4) for x in self.train_loss],
             "eval_steps": self.eval_steps,
             "eval_loss": {k: [round(x, 4) for x in v] for k, v in self.eval_loss.items()},
+            **({"best_step": self.best_step} if self.best_step is not None else {}),
             **({"logged": {k: [round(x, 5) for x in v] for k, v in self.logged.items()}} if self.logged else {}),
             "tokens": self.tokens,
             "seconds": round(self.seconds, 2),
@@ -114,15 +118,21 @@ def pack_rows(token_lists: Iterable[Sequence[int]], seq_len: int, eos_id: int) -
 def encode_texts(tokenizer, texts: Iterable[str], seq_len: int, read_only: ReadOnlySpans | None = None) -> list[Row]:
     """Tokenise texts (no special tokens added by the tokenizer) and pack them into rows; tokens lying
     inside a span `read_only` returns for their text are marked read-only."""
+    return pack_rows(tokenize_marked(tokenizer, texts, read_only), seq_len, tokenizer.eos_token_id)
+
+
+def tokenize_marked(tokenizer, texts: Iterable[str], read_only: ReadOnlySpans | None = None) -> list[Row]:
+    """Each text's token ids (no special tokens), those lying inside a span `read_only` returns for the text
+    marked read-only (id + NOT_PREDICTED)."""
     texts = list(texts)
     encoded = tokenizer(texts, add_special_tokens=False, verbose=False, return_offsets_mapping=read_only is not None)
-    token_lists = encoded["input_ids"]  # cut into rows below
+    token_lists = encoded["input_ids"]
     if read_only is not None:
         for i, text in enumerate(texts):
             spans = read_only(text)
             token_lists[i] = [token + NOT_PREDICTED if any(s <= start and end <= e for s, e in spans) else token
                               for token, (start, end) in zip(token_lists[i], encoded["offset_mapping"][i], strict=True)]
-    return pack_rows(token_lists, seq_len, tokenizer.eos_token_id)
+    return token_lists
 
 
 def collate(rows: Sequence[Row], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -236,12 +246,18 @@ def train_causal_lm(
     progress: ProgressFn = no_progress,
     step_loss: StepLoss | None = None,
     feed: Feed | None = None,
+    eval_loss: EvalLoss | None = None,
+    keep_best: str | None = None,
 ) -> TrainingCurve:
     """Train `model` in place for config.steps steps (on causal_lm_loss unless step_loss is given); returns
     the measured curve. Batches come from MixFeed(sources, mix), or from `feed` (then sources and mix are
-    None). Held-out losses are causal_lm_loss's, of model's own forward."""
+    None). Held-out losses are mean_loss's (next-token NLL of model's own forward) unless eval_loss is given.
+    With keep_best naming an eval set, the model ends with the weights of the evaluation where that set's
+    loss was lowest (early stopping on held-out data), and curve.best_step says which."""
     if (feed is None) == (sources is None and mix is None):
         raise ValueError("give either sources and mix or a feed, not both")
+    if keep_best is not None and keep_best not in (eval_sets or {}):
+        raise ValueError(f"keep_best names {keep_best!r}, which is not among the eval sets {sorted(eval_sets or {})}")
     feed = feed or MixFeed(sources, mix)
     eval_sets = dict(eval_sets or {})
     torch.set_num_threads(config.threads)
@@ -254,11 +270,18 @@ def train_causal_lm(
         optimizer, config.warmup_steps, config.steps, min_lr_rate=config.min_lr_ratio
     )
     curve = TrainingCurve(eval_loss={name: [] for name in eval_sets})
+    held_out_loss = eval_loss or (lambda model, rows: mean_loss(model, rows, pad_id))
+    best_state: dict[str, torch.Tensor] | None = None
 
     def evaluate(step: int) -> None:
+        nonlocal best_state
         curve.eval_steps.append(step)
         for name, rows in eval_sets.items():
-            curve.eval_loss[name].append(mean_loss(model, rows, pad_id))
+            curve.eval_loss[name].append(held_out_loss(model, rows))
+        losses = curve.eval_loss.get(keep_best, [])
+        if losses and losses[-1] == min(losses):
+            curve.best_step = step
+            best_state = {key: value.detach().clone() for key, value in model.state_dict().items()}
 
     model.train()
     started = time.perf_counter()
@@ -290,6 +313,8 @@ def train_causal_lm(
         progress((step + 1) / config.steps, f"step {step + 1}/{config.steps} loss {loss.item():.3f}")
     if eval_sets:
         evaluate(config.steps)
+    if best_state is not None:
+        model.load_state_dict(best_state)
     curve.seconds = time.perf_counter() - started
     model.eval()
     return curve

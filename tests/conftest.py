@@ -52,3 +52,18 @@ def tiny_ternary(tiny_champion):
 
     phase = BitNetPhase()
     return phase.transform(tiny_champion.models, phase.parse_config({}))
+
+
+@pytest.fixture(scope="session")
+def micro_ternary():
+    """BitNet, shortened, on a micro float model (context 64): the ternary input of the later phases' micro tests."""
+    from services.bitnet.__main__ import train_float_model
+    from services.bitnet.phase import BitNetPhase
+    from tests.unit.test_bitnet_phase import MICRO as MICRO_BITNET
+    from tests.unit.test_bitnet_phase import MICRO_SHAPE
+
+    float_model = train_float_model(MICRO_SHAPE, MICRO_BITNET, steps=60, name="micro")
+    quick = MICRO_BITNET.model_copy(update={"float_control": False,
+                                            "training": MICRO_BITNET.training.model_copy(update={"steps": 20})})
+    with torch.compiler.set_stance("force_eager"):
+        return BitNetPhase().transform([float_model], quick)

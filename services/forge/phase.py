@@ -18,10 +18,7 @@ measurements, and the self-model's error are in the report too.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
-import tempfile
-from pathlib import Path
 
 import torch
 from pydantic import Field, field_validator
@@ -35,10 +32,10 @@ from shared.data.skills import check_mix, skill_rows, task_texts
 from shared.grokfast import GrokfastConfig
 from shared.phase import ForgedModel, Phase, PhaseConfig, PhaseResult, ProgressFn, no_progress, one_ternary_model
 from shared.scorecard import ScorecardSpec, compare, report_section, score
-from shared.ternary.bitlinear import adopt_bit_linears, bit_linears, set_quant_strength
-from shared.ternary.packed_model import PACKED_FILE, load_packed, pack_model, packed_size_report
+from shared.ternary.bitlinear import trainable_ternary
+from shared.ternary.packed_model import PACKED_FILE, pack_model, ternary_check
 from shared.ternary.packing import get_codec
-from shared.training import TrainingConfig, collate, encode_texts, mean_loss, train_causal_lm
+from shared.training import TrainingConfig, encode_texts, mean_loss, train_causal_lm
 
 MECHANISMS = ("grokfast", "curriculum", "self_model", "dream")
 
@@ -76,18 +73,6 @@ def ablation_variants(switches: dict[str, bool]) -> dict[str, dict[str, bool]]:
     return variants
 
 
-def trainable_ternary(model) -> torch.nn.Module:
-    """A copy of a BitNet model whose ternary layers are BitLinear at full strength, its latent weights float32."""
-    model = copy.deepcopy(model)
-    adopt_bit_linears(model)
-    if any(p.dtype != torch.float32 for p in model.parameters()):
-        raise ValueError("the forge phase trains float32 latent weights; the model holds another dtype")
-    if not any(True for _ in bit_linears(model)):
-        raise ValueError("the model has no ternary layer to train; the forge phase takes BitNet's output")
-    set_quant_strength(model, 1.0)
-    return model
-
-
 def forge_train(model, tokenizer, switches: dict[str, bool], config: ForgeConfig, train: dict, level_pools: dict,
                 held_out: dict, progress: ProgressFn = no_progress) -> dict:
     """Train `model` (a trainable ternary one) in place with the mechanisms `switches` turns on; its report."""
@@ -112,27 +97,6 @@ def level_rows(tokenizer, config: ForgeConfig) -> dict[int, list]:
                                                       config.seed, levels=(level,)), config.seq_len,
                                 read_only=result_spans)
             for level in config.curriculum.levels}
-
-
-def ternary_check(input_model, output_model, codec_name: str, rows: list, pad_id: int) -> dict:
-    """The output is still ternary: its packed file's size against the input's, and the packed model's
-    logits against the checkpoint's on real rows."""
-    codec = get_codec(codec_name)
-    with tempfile.TemporaryDirectory() as folder, torch.no_grad():
-        sizes = {}
-        for name, model in (("input", input_model), ("output", output_model)):
-            path = Path(folder) / f"{name}.safetensors"
-            path.write_bytes(pack_model(model, codec))
-            sizes[name] = packed_size_report(path)
-        packed = load_packed(Path(folder) / "output.safetensors")
-        input_ids, attention_mask, _ = collate(rows, pad_id)
-        expected = output_model(input_ids=input_ids, attention_mask=attention_mask).logits
-        got = packed(input_ids=input_ids, attention_mask=attention_mask).logits
-    real = attention_mask.bool()
-    return {"input_packed_bytes": sizes["input"]["file_bytes"], "output_packed_bytes": sizes["output"]["file_bytes"],
-            "same_packed_size": sizes["input"]["file_bytes"] == sizes["output"]["file_bytes"],
-            "ternary_bits_per_weight": sizes["output"]["ternary_bits_per_weight"],
-            "packed_logits_max_abs_diff": float((expected - got).abs()[real].max())}
 
 
 def beats_input(margins: dict) -> dict:

@@ -21,6 +21,7 @@ cannot supply n distinct ones. Level 1 is meant to be learnable by a 1M-paramete
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from shared.data.splits import check_readable, check_split, split_of
 
 ANSWER_DELIMITER = " "
 TERMINATOR = "\n"
+INSTRUCTION = "use the calculator: "  # how a calculator request says the calculator is to be used
 
 
 @dataclass(frozen=True)
@@ -116,8 +118,17 @@ def tool_calls(rng: random.Random, level: int) -> Example:
     a, op, b = _binary_problem(rng, level)
     word = {"+": "plus", "-": "minus", "*": "times"}[op]
     expression = f"{a}{op}{b}"
-    return Example("tool_calls", level, f"use the calculator: {a} {word} {b} ?", str(evaluate_calc(expression)),
+    return Example("tool_calls", level, f"{INSTRUCTION}{a} {word} {b} ?", str(evaluate_calc(expression)),
                    expression_key(a, op, b), tool_call=expression)
+
+
+
+def requests(rng: random.Random, level: int) -> Example:
+    """A calculator request without the instruction to use the calculator ("87 minus 12 ?"): the right move is
+    still to call it, but no training text shows it (prompt baking teaches it: services/baking). The
+    problems, keys and splits are tool_calls' own."""
+    example = tool_calls(rng, level)
+    return dataclasses.replace(example, suite="requests", prompt=example.prompt.removeprefix(INSTRUCTION))
 
 
 def modular(rng: random.Random, level: int) -> Example:
@@ -223,6 +234,7 @@ SUITES: dict[str, tuple[Generator, range]] = {
     "sequence": (sequence, range(1, 4)),
     "multiple_choice": (multiple_choice, range(1, 4)),
     "tool_calls": (tool_calls, range(1, 5)),
+    "requests": (requests, range(1, 5)),
 }
 
 

@@ -25,6 +25,7 @@ start, rescales every layer's input to RMS 1 and starts fine-tuning from a broke
 """
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -226,3 +227,15 @@ def measure_input_rms(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict
         for handle in handles:
             handle.remove()
     return {name: sums[name] / counts[name] for name in sums}
+
+
+def trainable_ternary(model) -> torch.nn.Module:
+    """A copy of a BitNet model whose ternary layers are BitLinear at full strength, its latent weights float32."""
+    model = copy.deepcopy(model)
+    adopt_bit_linears(model)
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        raise ValueError("a phase after BitNet trains float32 latent weights; the model holds another dtype")
+    if not any(True for _ in bit_linears(model)):
+        raise ValueError("the model has no ternary layer to train; phases after BitNet take BitNet's output")
+    set_quant_strength(model, 1.0)
+    return model

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from shared.ternary.bitlinear import bit_linears, quantize_activations, ternarize
 from shared.ternary.packing import Codec, get_codec, pack_ternary, unpack_ternary
+from shared.training import collate
 
 FORMAT = "agentforge.bitnet-packed/v1"
 PACKED_FILE = "bitnet-packed.safetensors"  # its name in a checkpoint's extra files (BitNet's and every later phase's)
@@ -144,3 +146,24 @@ def packed_size_report(path: str | Path) -> dict[str, float | int]:
         "file_bytes": file_bytes,
         "file_bits_per_parameter": 8 * file_bytes / parameters,
     }
+
+
+def ternary_check(input_model, output_model, codec_name: str, rows: list, pad_id: int) -> dict:
+    """The output is still ternary: its packed file's size against the input's, and the packed model's
+    logits against the checkpoint's on real rows."""
+    codec = get_codec(codec_name)
+    with tempfile.TemporaryDirectory() as folder, torch.no_grad():
+        sizes = {}
+        for name, model in (("input", input_model), ("output", output_model)):
+            path = Path(folder) / f"{name}.safetensors"
+            path.write_bytes(pack_model(model, codec))
+            sizes[name] = packed_size_report(path)
+        packed = load_packed(Path(folder) / "output.safetensors")
+        input_ids, attention_mask, _ = collate(rows, pad_id)
+        expected = output_model(input_ids=input_ids, attention_mask=attention_mask).logits
+        got = packed(input_ids=input_ids, attention_mask=attention_mask).logits
+    real = attention_mask.bool()
+    return {"input_packed_bytes": sizes["input"]["file_bytes"], "output_packed_bytes": sizes["output"]["file_bytes"],
+            "same_packed_size": sizes["input"]["file_bytes"] == sizes["output"]["file_bytes"],
+            "ternary_bits_per_weight": sizes["output"]["ternary_bits_per_weight"],
+            "packed_logits_max_abs_diff": float((expected - got).abs()[real].max())}

@@ -53,8 +53,8 @@ def _expression(a: str, op: str, b: str) -> tuple:
 def problem_of(suite: str, prompt: str) -> tuple:
     if suite == "arithmetic":
         return _expression(*re.fullmatch(r"(\d+) ([-+*]) (\d+) =", prompt).groups())
-    if suite == "tool_calls":
-        return _expression(*re.fullmatch(r"use the calculator: (\d+) (plus|minus|times) (\d+) \?", prompt).groups())
+    if suite in ("tool_calls", "requests"):
+        return _expression(*re.fullmatch(r"(?:use the calculator: )?(\d+) (plus|minus|times) (\d+) \?", prompt).groups())
     if suite == "multiple_choice":
         if match := re.match(r"which is (\d+) \+ (\d+):", prompt):
             return _expression(match.group(1), "+", match.group(2))
@@ -91,7 +91,7 @@ def leaks(problems: dict[str, list]) -> set:
     return {problem for problem, splits in splits_of.items() if len(splits) > 1}
 
 
-SMALL_POOLS = {("tool_calls", 1): 15, ("multiple_choice", 1): 30}  # levels with few problems per split
+SMALL_POOLS = {("tool_calls", 1): 15, ("requests", 1): 15, ("multiple_choice", 1): 30}  # levels with few problems per split
 
 
 def test_no_problem_falls_in_two_splits_over_every_suite_and_level():

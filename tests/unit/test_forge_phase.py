@@ -4,8 +4,6 @@ check on what `make run` forges."""
 import pytest
 import torch
 
-from services.bitnet.__main__ import train_float_model
-from services.bitnet.phase import BitNetPhase
 from services.forge.phase import MECHANISMS, ForgeConfig, ForgePhase, ablation_variants
 from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.phase import get_phase
@@ -28,15 +26,6 @@ MICRO = ForgeConfig(
     scorecard=ScorecardSpec(split="validation", tasks=(("multiple_choice", 1, 4), ("arithmetic", 1, 2), ("tool_calls", 2, 4)),
                             max_new_tokens=3, max_length=32),
 )
-
-
-@pytest.fixture(scope="module")
-def micro_ternary():
-    float_model = train_float_model(MICRO_SHAPE, MICRO_BITNET, steps=60, name="micro")
-    quick = MICRO_BITNET.model_copy(update={"float_control": False,
-                                            "training": MICRO_BITNET.training.model_copy(update={"steps": 20})})
-    with torch.compiler.set_stance("force_eager"):
-        return BitNetPhase().transform([float_model], quick)
 
 
 @pytest.fixture(scope="module")

@@ -137,3 +137,24 @@ def test_a_step_loss_replaces_the_loss_and_its_figures_are_logged_per_step(small
     assert curve.train_loss == plain_curve.train_loss and not plain_curve.logged
     assert len(curve.logged["tokens"]) == 5 and sum(curve.logged["tokens"]) == curve.tokens
     assert curve.as_report()["logged"]["tokens"] == curve.logged["tokens"]
+
+
+def test_keep_best_ends_with_the_weights_of_the_lowest_held_out_loss(small_corpus):
+    """Early stopping (prompt baking keeps its best validation step): an eval loss whose minimum is the second
+    evaluation leaves the model with the weights it had then, not the last ones."""
+    tokenizer, rows = small_corpus
+    model = build_model("tiny", len(tokenizer), 0, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    scripted, snapshots = iter([3.0, 1.0, 2.0, 2.5]), []
+
+    def eval_loss(model, rows):
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        return next(scripted)
+
+    curve = train_causal_lm(model, {"all": rows}, {"all": 1.0}, MICRO, pad_id=tokenizer.pad_token_id,
+                            eval_sets={"held": rows[:4]}, eval_loss=eval_loss, keep_best="held")
+    assert curve.eval_steps == [0, 10, 20, 30] and curve.best_step == 10 and curve.as_report()["best_step"] == 10
+    assert all(torch.equal(value, snapshots[1][key]) for key, value in model.state_dict().items())
+    assert not all(torch.equal(value, snapshots[-1][key]) for key, value in model.state_dict().items())
+    with pytest.raises(ValueError, match="keep_best"):
+        train_causal_lm(model, {"all": rows}, {"all": 1.0}, MICRO, pad_id=tokenizer.pad_token_id,
+                        eval_sets={"held": rows[:4]}, keep_best="other")

@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+from bench.baking import DEFAULT_OUT as BAKING_OUT
+from bench.baking import RUNS as BAKING_RUNS
 from bench.forge import DEFAULT_OUT as FORGE_OUT
 from bench.quietstar import DEFAULT_OUT as QUIETSTAR_OUT
 from bench.readme import README, load_results, rendered
@@ -57,3 +59,19 @@ def test_the_forge_file_holds_every_ablation_run_and_the_ternary_check():
     assert results["ternary"]["same_packed_size"]
     steps = results["config"]["training"]["steps"]
     assert all(len(run["train_loss"]) == steps for run in results["runs"].values())
+
+
+def test_the_baking_file_holds_every_run_with_its_kl_behaviour_and_scorecard():
+    results = json.loads(BAKING_OUT.read_text())
+    assert set(results["runs"]) == set(BAKING_RUNS)
+    for run in results["runs"].values():
+        assert set(run["screening"]) == {prompt["name"] for prompt in run["config"]["prompts"]}
+        for prompt in run["baked_prompts"]:
+            kl = run["test"][prompt]["kl"]
+            assert kl["teacher_to_baked"] == pytest.approx(kl["ratio"] * kl["teacher_to_input"])
+            for difference in run["test"][prompt]["baked_against_input"].values():
+                assert difference["ci_low"] <= difference["difference"] <= difference["ci_high"]
+        for card in run["cards"].values():
+            assert card["split"] == "test"
+        if run["baked_prompts"]:
+            assert run["ternary"]["same_packed_size"] and run["ternary"]["packed_logits_max_abs_diff"] == 0.0
