@@ -6,7 +6,7 @@ UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 export UV_CACHE_DIR ?= $(HOME)/.cache/agentforge/uv
 export UV_LINK_MODE ?= hardlink
 
-.PHONY: venv run test test-unit infra-install infra-up infra-down bench bench-seeds bench-quietstar bench-forge bench-grokfast bench-baking clean
+.PHONY: venv run test test-unit infra-install infra-up infra-down bench bench-seeds bench-quietstar bench-forge bench-grokfast bench-baking bench-adas clean
 
 $(UV):
 	$(PYTHON) -m pip install --user --quiet uv
@@ -69,6 +69,11 @@ bench-forge: venv
 ## Prompt baking on a stand-in: the defaults, without the anchor, with peft's student (about an hour); bench/results/baking.json.
 bench-baking: venv
 	$(BIN)/python -m bench.baking
+	$(BIN)/python -m bench.readme
+
+## ADAS on a stand-in: the defaults with two seeds of the phase and a picture of the front; bench/results/adas.json.
+bench-adas: venv
+	$(BIN)/python -m bench.adas
 	$(BIN)/python -m bench.readme
 
 clean:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
+from shared.calculator import result_spans
 from shared.grokfast import GrokfastConfig, GrokfastEMA
 from shared.phase import ProgressFn, no_progress
 
@@ -135,6 +136,14 @@ def tokenize_marked(tokenizer, texts: Iterable[str], read_only: ReadOnlySpans | 
     return token_lists
 
 
+def continuation_rows(tokenizer, prompts: Sequence[str], continuations: Sequence[str]) -> list[Row]:
+    """Each prompt + continuation as one row, the prompt and the calculator's results in the continuation
+    read-only: the tokens the model wrote after the prompt are the ones a loss counts."""
+    texts = [prompt + continuation for prompt, continuation in zip(prompts, continuations, strict=True)]
+    spans = {text: [(0, len(prompt)), *result_spans(text)] for text, prompt in zip(texts, prompts, strict=True)}
+    return tokenize_marked(tokenizer, texts, read_only=lambda text: spans[text])
+
+
 def collate(rows: Sequence[Row], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-pad rows into (input_ids, attention_mask, predicted), each (batch, longest row): predicted is
     1 for a real token the loss may count, 0 for padding and read-only tokens."""
@@ -150,10 +159,10 @@ def collate(rows: Sequence[Row], pad_id: int) -> tuple[torch.Tensor, torch.Tenso
     return input_ids, attention_mask, predicted
 
 
-def causal_lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   predicted: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-    """(sum of next-token NLL in nats, number of predicted tokens), real tokens only, and of those only the
-    ones `predicted` marks (default: every real token)."""
+def row_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            predicted: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, (sum of next-token NLL in nats, number of predicted tokens), real tokens only, and of those
+    only the ones `predicted` marks (default: every real token)."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
     # Position t predicts token t+1: drop the last position's logits and the first token's label.
     targets = input_ids[:, 1:]
@@ -161,8 +170,15 @@ def causal_lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     counted = attention_mask[:, 1:].bool()
     if predicted is not None:
         counted &= predicted[:, 1:].bool()
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
-    return nll[counted.flatten()].sum(), int(counted.sum())
+    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets, reduction="none")  # (B, T - 1)
+    return (nll * counted).sum(1), counted.sum(1)
+
+
+def causal_lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   predicted: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """(sum of next-token NLL in nats, number of predicted tokens) over the batch (row_nll's, summed)."""
+    sums, counts = row_nll(model, input_ids, attention_mask, predicted)
+    return sums.sum(), int(counts.sum())
 
 
 @torch.no_grad()

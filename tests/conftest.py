@@ -27,6 +27,18 @@ def small_corpus():
 
 
 @pytest.fixture(scope="session")
+def micro_bitnet(small_corpus):
+    """A random micro BitNet model on the small corpus's tokenizer (context 32), in eval mode, and the tokenizer."""
+    from shared.models import build_model
+    from shared.ternary.bitlinear import convert_to_bitnet
+
+    tokenizer, _ = small_corpus
+    model = build_model("tiny", len(tokenizer), 0, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    convert_to_bitnet(model)
+    return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="session")
 def tiny_cognate():
     """Cognate on its defaults, as `make run` trains it (about 5 minutes): the base and three specialists
     with the scored report. Shared by the slow tests of Cognate and of the phases that take its models."""

@@ -18,10 +18,10 @@ from collections.abc import Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.baking.prompts import PromptConfig
-from shared.calculator import MAX_RESULT_DIGITS, result_spans, result_text
+from shared.calculator import MAX_RESULT_DIGITS, result_text
 from shared.evaluation import sampled_continuations
 from shared.tool_runtime import sampled_with_tools
-from shared.training import NOT_PREDICTED, tokenize_marked
+from shared.training import NOT_PREDICTED, continuation_rows
 
 
 class SamplingConfig(BaseModel):
@@ -89,8 +89,6 @@ def sample_trajectories(model, tokenizer, prefix: str, inputs: Sequence[str], us
 def teacher_rows(tokenizer, prefix: str, inputs: Sequence[str], trajectories: Sequence[str]) -> list[TeacherRow]:
     """The teacher's view of each (input, trajectory): the prefix's tokens and the input read-only, then the
     trajectory with its calculator results read-only."""
-    texts = [text + trajectory for text, trajectory in zip(inputs, trajectories, strict=True)]
-    spans = {text: [(0, len(x)), *result_spans(text)] for text, x in zip(texts, inputs, strict=True)}
-    rows = tokenize_marked(tokenizer, texts, read_only=lambda text: spans[text])
+    rows = continuation_rows(tokenizer, inputs, trajectories)
     head = [token + NOT_PREDICTED for token in tokenizer(prefix, add_special_tokens=False)["input_ids"]] if prefix else []
     return [TeacherRow(head + row, len(head)) for row in rows]

@@ -16,19 +16,10 @@ from shared.data.splits import split_of
 from shared.data.tasks import INSTRUCTION, expression_key, make_examples
 from shared.evaluation import sampled_continuations
 from shared.models import build_model
-from shared.ternary.bitlinear import bit_linears, convert_to_bitnet, trainable_ternary
+from shared.ternary.bitlinear import bit_linears, trainable_ternary
 from shared.training import collate
 
 pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(scope="module")
-def micro(small_corpus):
-    """A random micro BitNet model on the small corpus's tokenizer (context 32)."""
-    tokenizer, rows = small_corpus
-    model = build_model("tiny", len(tokenizer), 0, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    convert_to_bitnet(model)
-    return model.eval(), tokenizer
 
 
 def test_a_bad_prompt_config_is_a_clear_error():
@@ -49,8 +40,8 @@ def test_a_bad_prompt_config_is_a_clear_error():
     assert BakingConfig().prompts == DEFAULT_PROMPTS
 
 
-def test_a_prompt_longer_than_the_context_is_refused_before_any_work(micro):
-    _, tokenizer = micro  # context 32
+def test_a_prompt_longer_than_the_context_is_refused_before_any_work(micro_bitnet):
+    _, tokenizer = micro_bitnet  # context 32
     long_prompt = PromptConfig(name="tools", kind="tools", text="use the calculator: " * 8, tasks=(("requests", 2),))
     with pytest.raises(ValueError, match="more than the model's context of 32 tokens"):
         check_prompt(tokenizer, long_prompt, ["1 plus 2 ?"], SamplingConfig(), context=32)
@@ -76,8 +67,8 @@ def test_dialogue_inputs_are_whole_speeches_that_end_where_the_next_begins():
     assert PERSONA_PROMPT.traits[0].shown_by("FORGE.\nI am here.") and not PERSONA_PROMPT.traits[0].shown_by("MIRANDA.\nForge on.")
 
 
-def test_sampling_repeats_with_its_seed_and_needs_a_temperature(micro):
-    model, tokenizer = micro
+def test_sampling_repeats_with_its_seed_and_needs_a_temperature(micro_bitnet):
+    model, tokenizer = micro_bitnet
     prompts = ["1 + 2 =", "3 + 4 ="]
     first = sampled_continuations(model, tokenizer, prompts, 6, temperature=1.0, seed=3, stop_strings=())
     assert first == sampled_continuations(model, tokenizer, prompts, 6, temperature=1.0, seed=3, stop_strings=())
@@ -86,10 +77,10 @@ def test_sampling_repeats_with_its_seed_and_needs_a_temperature(micro):
         sampled_continuations(model, tokenizer, prompts, 6, temperature=0.0, seed=3)
 
 
-def test_the_kl_compares_the_prompted_teacher_and_the_unprompted_student_at_the_same_generated_tokens(micro):
+def test_the_kl_compares_the_prompted_teacher_and_the_unprompted_student_at_the_same_generated_tokens(micro_bitnet):
     """Computed by hand for one row: the teacher reads prompt + input + trajectory, the student input +
     trajectory, and only the trajectory's tokens count."""
-    model, tokenizer = micro
+    model, tokenizer = micro_bitnet
     student = build_model("tiny", len(tokenizer), 1, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     prompt, text, trajectory = "the cat sat.\n", "1 + 2 =", " 3\n"
     (row,) = teacher_rows(tokenizer, prompt, [text], [trajectory])
@@ -109,8 +100,8 @@ def test_the_kl_compares_the_prompted_teacher_and_the_unprompted_student_at_the_
     assert objective.mean(model, [anchor]) == pytest.approx(0.0, abs=1e-6)  # no prompt: the input matches itself
 
 
-def test_the_latent_lora_folds_exactly_and_peft_folds_into_plain_ternary_layers(micro):
-    model, tokenizer = micro
+def test_the_latent_lora_folds_exactly_and_peft_folds_into_plain_ternary_layers(micro_bitnet):
+    model, tokenizer = micro_bitnet
     ids = torch.tensor([tokenizer("1 + 2 = 3", add_special_tokens=False)["input_ids"]])
     for kind in ("latent_lora", "peft_lora"):
         student = make_student(trainable_ternary(model), kind, LoraSettings(rank=4, alpha=4.0), seed=0)

@@ -2,14 +2,12 @@
 behaviour and scorecard sections, a ternary output whose fold and packed file are exact, the checkpoint
 hand-off, and bad input refused before any work."""
 import pytest
-import torch
 
 from services.baking.phase import ANCHOR, FAR_BELOW, BakingConfig, BakingPhase
 from services.baking.prompts import TOOL_PROMPT
-from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.phase import get_phase
 from shared.scorecard import ScorecardSpec
-from shared.ternary.packed_model import PACKED_FILE, load_packed
+from tests.phase_checks import assert_hand_off_keeps_the_logits, assert_registered_after
 from tests.scorecard_checks import assert_one_scorecard
 
 pytestmark = [pytest.mark.unit, pytest.mark.slow]  # a micro BitNet model, sampling and a short bake
@@ -33,11 +31,8 @@ def result(micro_ternary):
 
 
 def test_phase_is_registered_and_in_the_default_pipeline_after_forge():
-    from shared.fabric.cli import default_spec
-
     assert isinstance(get_phase("baking"), BakingPhase)
-    names = [step.phase for step in default_spec().steps]
-    assert names.index("baking") == names.index("forge") + 1
+    assert_registered_after("baking", "forge")
 
 
 def test_the_report_measures_each_prompt_before_and_after_baking(result):
@@ -67,15 +62,7 @@ def test_the_output_is_ternary_folded_and_survives_the_checkpoint(result, tmp_pa
     ternary = result.report["ternary"]
     assert ternary["same_packed_size"] and ternary["packed_logits_max_abs_diff"] == 0.0
     assert not any("lora" in name for name in output.model.state_dict())
-    files = result.extra_files[output.name]
-    save_checkpoint(output, tmp_path, phase="baking", code_version="1", config={}, config_hash="x", parents=[],
-                    extra_files=files)
-    loaded, _ = load_checkpoint(tmp_path)
-    batch = torch.randint(0, len(output.tokenizer), (2, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = output.model(batch).logits
-        assert torch.allclose(loaded.model(batch).logits, expected, atol=1e-4)
-        assert torch.equal(load_packed(tmp_path / PACKED_FILE)(batch).logits, expected)
+    assert_hand_off_keeps_the_logits(result, tmp_path, "baking")
 
 
 def test_bad_input_is_refused_before_any_work(micro_ternary):

@@ -5,6 +5,9 @@ import json
 
 import pytest
 
+from bench.adas import DEFAULT_OUT as ADAS_OUT
+from bench.adas import FRONT_PICTURE as ADAS_PICTURE
+from bench.adas import SEEDS as ADAS_SEEDS
 from bench.baking import DEFAULT_OUT as BAKING_OUT
 from bench.baking import RUNS as BAKING_RUNS
 from bench.forge import DEFAULT_OUT as FORGE_OUT
@@ -75,3 +78,21 @@ def test_the_baking_file_holds_every_run_with_its_kl_behaviour_and_scorecard():
             assert card["split"] == "test"
         if run["baked_prompts"]:
             assert run["ternary"]["same_packed_size"] and run["ternary"]["packed_logits_max_abs_diff"] == 0.0
+
+
+def test_the_adas_file_holds_each_seed_with_an_evaluated_front_and_the_picture_exists():
+    from services.adas.search import pareto_front
+
+    results = json.loads(ADAS_OUT.read_text())
+    assert set(results["runs"]) == {str(seed) for seed in ADAS_SEEDS}
+    for run in results["runs"].values():
+        assert run["trainable_per_expert"] == run["sum_min_dimensions"]
+        search = run["search"]
+        assert search["front"] == pareto_front(search["points"]) and search["chosen"] in search["front"]
+        assert set(run["own_family"]) == {family["name"] for family in run["config"]["families"]}
+        for measures in run["own_family"].values():
+            for d in measures.values():
+                assert d["ci_low"] <= d["difference"] <= d["ci_high"]
+        assert run["ternary"]["same_packed_size"] and run["ternary"]["packed_logits_max_abs_diff"] == 0.0
+        assert all(card["split"] == "test" for card in run["cards"].values())
+    assert ADAS_PICTURE.read_bytes().startswith(b"\x89PNG")
