@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from services.adas.svf import Factors, Vectors, initial_vectors, svf_student, trained_vectors
 from shared.calculator import result_spans
 from shared.data.skills import text_documents
-from shared.data.tasks import ANSWER_DELIMITER, TERMINATOR, format_for_training, make_examples, worked_answer
+from shared.data.tasks import format_for_training, make_examples, worked_continuation
 from shared.tool_runtime import sampled_with_tools
 from shared.training import Row, TrainingConfig, collate, continuation_rows, encode_texts, row_nll, train_causal_lm
 
@@ -116,7 +116,7 @@ def gradient_agreement(model, tokenizer, factors: Mapping[str, Factors], family:
         nll, _ = row_nll(student, *collate(continuation_rows(tokenizer, prompts, [t.text for t in transcripts]),
                                            tokenizer.pad_token_id))
         reinforce.append(_gradient(student, (reward * nll).mean()))  # -E[r log p]: nll is -log p
-        worked = [ANSWER_DELIMITER + worked_answer(e) + TERMINATOR for e in batch]
+        worked = [worked_continuation(e) for e in batch]
         nll, _ = row_nll(student, *collate(continuation_rows(tokenizer, prompts, worked), tokenizer.pad_token_id))
         likelihood.append(_gradient(student, nll.mean()))
     cosine = lambda a, b: float(torch.nn.functional.cosine_similarity(a, b, dim=0))  # noqa: E731

@@ -35,10 +35,10 @@ from services.adas.router import Router, features
 from services.adas.search import SearchConfig, layer_groups, search
 from services.adas.svf import Factors, adapted, compose, decompose, mixed_multipliers, multiplier, trainable_count
 from shared.data.skills import text_documents
-from shared.data.tasks import ANSWER_DELIMITER, TERMINATOR, make_examples, worked_answer
-from shared.evaluation import rolling_loglikelihoods
+from shared.data.tasks import make_examples, worked_continuation
+from shared.evaluation import bits_per_byte
 from shared.phase import ForgedModel, Phase, PhaseConfig, PhaseResult, ProgressFn, no_progress, one_ternary_model
-from shared.scorecard import (LOG2, TEXT, TEXT_METRIC, ScorecardSpec, card_from_items, compare, paired_difference,
+from shared.scorecard import (TEXT, TEXT_METRIC, ScorecardSpec, card_from_items, compare, paired_difference,
                               report_section, score, task_name, text_blocks)
 from shared.ternary.bitlinear import bit_linears, ternarize, trainable_ternary
 from shared.ternary.packed_model import PACKED_FILE, pack_model, ternary_check
@@ -103,10 +103,9 @@ class AdasPhase(Phase):
         forged = one_ternary_model(models, self.name)
         tokenizer = forged.tokenizer
         model = trainable_ternary(forged.model).eval()
-        task_families = {family.name: family for family in config.families}
         held_out = task_name(*config.held_out)
         factors = decompose(model, config.targets)
-        names = list(task_families)
+        names = [family.name for family in config.families]
         report: dict = {"adapted_layers": list(factors), "trainable_per_expert": trainable_count(factors),
                         "sum_min_dimensions": sum(min(layer.weight.shape) for n, layer in bit_linears(model) if n in factors)}
 
@@ -133,11 +132,12 @@ class AdasPhase(Phase):
 
         progress(0.4, f"few-shot CEM on {held_out}")
         shots = make_examples(*config.held_out, "validation", config.cem.shots, config.seed)
+        shots_spec = ScorecardSpec(split="validation", text=False, seed=config.seed,
+                                   tasks=((*config.held_out, config.cem.shots),))
 
         def few_shot(alpha: np.ndarray) -> tuple[float, float]:
             candidate = adapted(model, factors, mixed_multipliers(experts, alpha, config.experts.max_mult))
-            card = score(candidate, tokenizer, ScorecardSpec(split="validation", text=False, seed=config.seed,
-                                                             tasks=((*config.held_out, config.cem.shots),)))
+            card = score(candidate, tokenizer, shots_spec)
             return card["metrics"][f"{held_out}.task_success"]["value"], _answer_loglikelihood(candidate, tokenizer, shots)
 
         report["few_shot"] = {"task": held_out, **cem(few_shot, len(experts), config.cem, config.seed)}
@@ -150,32 +150,33 @@ class AdasPhase(Phase):
                                                 dict.fromkeys((s, lv) for f in config.families for s, lv in f.tasks)))
         blocks = text_blocks("validation")[: config.search.text_blocks]
 
-        def measure(point: dict) -> dict:
-            layers = [layer for group in point["groups"] for layer in groups[group]]
+        def composition(point: dict) -> dict:
+            """The multiplier of every layer a point adapts (its groups' layers, the experts mixed by its alphas)."""
             mixed = mixed_multipliers(experts, list(point["alpha"].values()), config.experts.max_mult)
-            candidate = adapted(model, factors, {layer: mixed[layer] for layer in layers})
+            return {layer: mixed[layer] for group in point["groups"] for layer in groups[group]}
+
+        def measure(point: dict) -> dict:
+            multipliers = composition(point)
+            candidate = adapted(model, factors, multipliers)
             card = score(candidate, tokenizer, search_spec)
-            loglikelihood = sum(rolling_loglikelihoods(candidate, tokenizer, blocks))
             return {"task_success": card["metrics"]["tasks.mean_task_success"]["value"],
-                    "bits_per_byte": -loglikelihood / sum(len(b.encode()) for b in blocks) / LOG2,
+                    "bits_per_byte": bits_per_byte(candidate, tokenizer, blocks)["bits_per_byte"],
                     "bytes": packed_bytes + sum(factors[layer].bytes() + 4 * len(experts) * factors[layer].rank
-                                                for layer in layers),
-                    "latency_ms": _adaptation_ms(factors, mixed, layers)}
+                                                for layer in multipliers),
+                    "latency_ms": _adaptation_ms(factors, multipliers)}
 
         found = search(measure, list(groups), names, config.search, config.seed,
                        lambda f, m: progress(0.5 + 0.25 * f, m))
         chosen = found["points"][found["chosen"]]
         report["search"] = {**found, "groups": groups, "search_spec": search_spec.model_dump(mode="json")}
-        chosen_layers = [layer for group in chosen["groups"] for layer in groups[group]]
-        mixed = mixed_multipliers(experts, list(chosen["alpha"].values()), config.experts.max_mult)
-        output = adapted(model, factors, {layer: mixed[layer] for layer in chosen_layers})
+        output = adapted(model, factors, composition(chosen))
 
         progress(0.75, "test: scorecards")
         report.update(self._test(model, output, tokenizer, factors, experts, router, report["few_shot"]["alpha"],
                                  config, progress))
         report["ternary"] = ternary_check(model, output, config.packing,
                                           encode_texts(tokenizer, [blocks[0][:400]], config.seq_len), tokenizer.pad_token_id)
-        report["summary"] = _summary(report, names, held_out)
+        report["summary"] = _summary(report)
         progress(1.0, "packed")
         with torch.no_grad():
             packed = pack_model(output, get_codec(config.packing))
@@ -250,20 +251,19 @@ class AdasPhase(Phase):
 @torch.no_grad()
 def _answer_loglikelihood(model, tokenizer, examples) -> float:
     """Mean log-likelihood per token of the right worked answers (the CEM's tie-break)."""
-    rows = continuation_rows(tokenizer, [e.prompt for e in examples],
-                             [ANSWER_DELIMITER + worked_answer(e) + TERMINATOR for e in examples])
+    rows = continuation_rows(tokenizer, [e.prompt for e in examples], [worked_continuation(e) for e in examples])
     sums, counts = row_nll(model.eval(), *collate(rows, tokenizer.pad_token_id))
     return -float(sums.sum() / counts.sum())
 
 
 @torch.no_grad()
-def _adaptation_ms(factors: dict[str, Factors], multipliers: dict, layers: list[str]) -> float:
+def _adaptation_ms(factors: dict[str, Factors], multipliers: dict) -> float:
     """Median wall time of adaptive inference's second-pass set-up: compose and ternarize the adapted matrices."""
     times = []
     for _ in range(LATENCY_REPEATS):
         started = time.perf_counter()
-        for layer in layers:
-            ternarize(compose(factors[layer], multipliers[layer]))
+        for layer, mult in multipliers.items():
+            ternarize(compose(factors[layer], mult))
         times.append(1000 * (time.perf_counter() - started))
     return statistics.median(times)
 
@@ -287,7 +287,7 @@ def experts_file(factors: dict[str, Factors], experts: list, names: list[str], r
     return save({k: v.contiguous() for k, v in tensors.items()}, metadata)
 
 
-def _summary(report: dict, names: list[str], held_out: str) -> dict:
+def _summary(report: dict) -> dict:
     cards = report["scorecard"]["cards"]
     summary = {f"{name}.mean_task_success": round(cards[name]["metrics"]["tasks.mean_task_success"]["value"], 4)
                for name in ("input", "output", "routed")}

@@ -54,8 +54,13 @@ def worked_answer(example: Example) -> str:
     return example.answer
 
 
+def worked_continuation(example: Example) -> str:
+    """What a model should write after the prompt: the delimiter, the worked answer, the terminator."""
+    return ANSWER_DELIMITER + worked_answer(example) + TERMINATOR
+
+
 def format_for_training(example: Example) -> str:
-    return example.prompt + ANSWER_DELIMITER + worked_answer(example) + TERMINATOR
+    return example.prompt + worked_continuation(example)
 
 
 def extract_answer(transcript: str) -> str:

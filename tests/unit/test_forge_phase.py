@@ -9,7 +9,7 @@ from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.phase import get_phase
 from shared.scorecard import ScorecardSpec
 from shared.ternary.bitlinear import BitLinear
-from shared.ternary.packed_model import PACKED_FILE, load_packed
+from tests.phase_checks import assert_hand_off_keeps_the_logits, assert_registered_after
 from tests.scorecard_checks import assert_one_scorecard
 from tests.unit.test_bitnet_phase import MICRO as MICRO_BITNET
 from tests.unit.test_bitnet_phase import MICRO_SHAPE
@@ -34,11 +34,8 @@ def result(micro_ternary):
 
 
 def test_phase_is_registered_and_in_the_default_pipeline_after_bitnet():
-    from shared.fabric.cli import default_spec
-
     assert isinstance(get_phase("forge"), ForgePhase)
-    names = [step.phase for step in default_spec().steps]
-    assert names.index("forge") == names.index("bitnet") + 1
+    assert_registered_after("forge", "bitnet")
     with pytest.raises(ValueError):
         ForgePhase().parse_config({"no_such_key": 1})
 
@@ -50,12 +47,7 @@ def test_output_is_still_ternary_with_the_packed_size_and_logits_of_the_checkpoi
     assert ternary["packed_logits_max_abs_diff"] == 0.0
     assert all(isinstance(output.model.get_submodule(name), BitLinear)
                for name, m in micro_ternary.models[0].model.named_modules() if isinstance(m, BitLinear))
-    save_checkpoint(output, tmp_path, phase="forge", code_version="1", config={}, config_hash="x", parents=[],
-                    extra_files=result.extra_files["micro"])
-    batch = torch.randint(0, len(output.tokenizer), (2, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = output.model(batch).logits
-        assert torch.equal(load_packed(tmp_path / PACKED_FILE)(batch).logits, expected)
+    assert_hand_off_keeps_the_logits(result, tmp_path, "forge")
     before = {k: v.clone() for k, v in micro_ternary.models[0].model.state_dict().items()}
     assert any(not torch.equal(before[k], v) for k, v in output.model.state_dict().items())  # it trained
     assert all(torch.equal(before[k], v) for k, v in micro_ternary.models[0].model.state_dict().items())
