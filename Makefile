@@ -6,7 +6,7 @@ UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 export UV_CACHE_DIR ?= $(HOME)/.cache/agentforge/uv
 export UV_LINK_MODE ?= hardlink
 
-.PHONY: venv run test test-unit infra-install infra-up infra-down bench bench-seeds bench-quietstar bench-forge bench-grokfast bench-baking bench-adas clean
+.PHONY: venv run test test-unit infra-install infra-up infra-down bench bench-seeds bench-quietstar bench-forge bench-grokfast bench-baking bench-adas bench-compression clean
 
 $(UV):
 	$(PYTHON) -m pip install --user --quiet uv
@@ -74,6 +74,11 @@ bench-baking: venv
 ## ADAS on a stand-in: the defaults with two seeds of the phase and a picture of the front; bench/results/adas.json.
 bench-adas: venv
 	$(BIN)/python -m bench.adas
+	$(BIN)/python -m bench.readme
+
+## Final compression on the stand-in: both SeedLM settings, llama.cpp's speed (about 20 minutes); bench/results/compression.json.
+bench-compression: venv
+	$(BIN)/python -m bench.compression
 	$(BIN)/python -m bench.readme
 
 clean:

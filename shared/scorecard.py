@@ -313,6 +313,17 @@ def comparison_figures(comparison: dict[str, Any]) -> dict[str, Any]:
                         for name, d in comparison["metrics"].items()}}
 
 
+def headline_figures(cards: dict[str, dict[str, Any]], names: Sequence[str] | None = None) -> dict[str, float]:
+    """For a report's summary: each card's mean task success and bits per byte ("NAME.mean_task_success",
+    "NAME.bpb"), rounded to 4 places; a metric a card lacks is left out."""
+    figures = {}
+    for name in names or cards:
+        for metric, label in ((MEAN_METRIC, "mean_task_success"), (TEXT_METRIC, "bpb")):
+            if metric in cards[name]["metrics"]:
+                figures[f"{name}.{label}"] = round(cards[name]["metrics"][metric]["value"], 4)
+    return figures
+
+
 def without_items(card: dict[str, Any]) -> dict[str, Any]:
     """The card's metrics alone (for search logs, where thousands of candidates are scored)."""
     return {key: value for key, value in card.items() if key != "items"}

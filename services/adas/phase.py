@@ -39,7 +39,7 @@ from shared.data.tasks import make_examples, worked_continuation
 from shared.evaluation import bits_per_byte
 from shared.phase import ForgedModel, Phase, PhaseConfig, PhaseResult, ProgressFn, no_progress, one_ternary_model
 from shared.scorecard import (TEXT, TEXT_METRIC, ScorecardSpec, card_from_items, compare, paired_difference,
-                              report_section, score, task_name, text_blocks)
+                              headline_figures, report_section, score, task_name, text_blocks)
 from shared.ternary.bitlinear import bit_linears, ternarize, trainable_ternary
 from shared.ternary.packed_model import PACKED_FILE, pack_model, ternary_check
 from shared.ternary.packing import get_codec
@@ -288,11 +288,7 @@ def experts_file(factors: dict[str, Factors], experts: list, names: list[str], r
 
 
 def _summary(report: dict) -> dict:
-    cards = report["scorecard"]["cards"]
-    summary = {f"{name}.mean_task_success": round(cards[name]["metrics"]["tasks.mean_task_success"]["value"], 4)
-               for name in ("input", "output", "routed")}
-    summary.update({f"{name}.bpb": round(cards[name]["metrics"][TEXT_METRIC]["value"], 4)
-                    for name in ("input", "output") if TEXT_METRIC in cards[name]["metrics"]})
+    summary = headline_figures(report["scorecard"]["cards"], ("input", "output", "routed"))
     summary["experts_beating_input"] = report["experts_beating_input"]
     summary["output_relation_to_input"] = report["against_input"]["output"]["relation"]
     summary["held_out"] = {label: f"{v['value']:.3f} vs best single {v['value'] - v['difference']:.3f}"

@@ -33,7 +33,8 @@ from services.baking.prompts import DEFAULT_PROMPTS, PromptConfig, dialogue_inpu
 from services.baking.student import LoraSettings, StudentKind, fold, make_student, trainable_parameters
 from services.baking.trajectories import SamplingConfig, check_prompt, sample_trajectories, teacher_rows
 from shared.phase import ForgedModel, Phase, PhaseConfig, PhaseResult, ProgressFn, no_progress, one_ternary_model
-from shared.scorecard import TEXT_METRIC, ScorecardSpec, compare, lower_is_better, report_section, score
+from shared.scorecard import (TEXT_METRIC, ScorecardSpec, compare, headline_figures, lower_is_better, report_section,
+                              score)
 from shared.ternary.bitlinear import trainable_ternary
 from shared.ternary.packed_model import PACKED_FILE, pack_model, ternary_check
 from shared.ternary.packing import get_codec
@@ -227,11 +228,8 @@ class BakingPhase(Phase):
 
 
 def _summary(report: dict) -> dict:
-    summary = {"baked_prompts": report["baked_prompts"], "skipped_prompts": report["skipped_prompts"]}
-    for name, card in report["scorecard"]["cards"].items():
-        for metric, label in ((TEXT_METRIC, "bpb"), ("tasks.mean_task_success", "mean_task_success")):
-            if metric in card["metrics"]:
-                summary[f"{name}.{label}"] = round(card["metrics"][metric]["value"], 4)
+    summary = {"baked_prompts": report["baked_prompts"], "skipped_prompts": report["skipped_prompts"],
+               **headline_figures(report["scorecard"]["cards"])}
     for prompt, test in report["test"].items():
         if "kl" in test:
             summary[f"{prompt}.kl_input"] = round(test["kl"]["teacher_to_input"], 4)

@@ -106,13 +106,19 @@ def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
 def load_packed(path: str | Path, *, cache_unpacked: bool = False) -> PreTrainedModel:
     """Rebuild the model from the packed file alone, in eval mode, with PackedBitLinear layers."""
     metadata, tensors = _read(Path(path))
-    codec = get_codec(metadata["codec"])
-    config_dict = json.loads(metadata["config"])
+    return build_packed_model(metadata["config"], json.loads(metadata["packed_shapes"]), get_codec(metadata["codec"]),
+                              tensors, cache_unpacked=cache_unpacked)
+
+
+def build_packed_model(config_json: str, packed_shapes: dict[str, list[int]], codec: Codec,
+                       tensors: dict[str, torch.Tensor], *, cache_unpacked: bool = False) -> PreTrainedModel:
+    """The model of a packed file's contents (its config.json, the shapes of its packed layers, its tensors)."""
+    config_dict = json.loads(config_json)
     quantization = config_dict.pop("quantization_config", None) or {}
     config = AutoConfig.for_model(**config_dict)
     model = AutoModelForCausalLM.from_config(config)
     eps = quantization.get("rms_norm_eps") or 1e-6
-    for name, (out_features, in_features) in json.loads(metadata["packed_shapes"]).items():
+    for name, (out_features, in_features) in packed_shapes.items():
         has_bias = f"{name}.bias" in tensors
         model.set_submodule(name, PackedBitLinear(in_features, out_features, has_bias, codec, rms_norm_eps=eps,
                                                   cache_unpacked=cache_unpacked))

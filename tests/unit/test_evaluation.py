@@ -2,7 +2,6 @@
 log-likelihoods against unbatched reference scoring, and the Wilson interval."""
 from __future__ import annotations
 
-import json
 import math
 
 import pytest

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -10,6 +11,8 @@ from bench.adas import FRONT_PICTURE as ADAS_PICTURE
 from bench.adas import SEEDS as ADAS_SEEDS
 from bench.baking import DEFAULT_OUT as BAKING_OUT
 from bench.baking import RUNS as BAKING_RUNS
+from bench.compression import DEFAULT_OUT as COMPRESSION_OUT
+from bench.compression import SETTINGS as COMPRESSION_SETTINGS
 from bench.forge import DEFAULT_OUT as FORGE_OUT
 from bench.quietstar import DEFAULT_OUT as QUIETSTAR_OUT
 from bench.readme import README, load_results, rendered
@@ -96,3 +99,22 @@ def test_the_adas_file_holds_each_seed_with_an_evaluated_front_and_the_picture_e
         assert run["ternary"]["same_packed_size"] and run["ternary"]["packed_logits_max_abs_diff"] == 0.0
         assert all(card["split"] == "test" for card in run["cards"].values())
     assert ADAS_PICTURE.read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_compression_file_holds_both_settings_rebuilt_exactly_with_the_formulas_bits():
+    results = json.loads(COMPRESSION_OUT.read_text())
+    assert set(results["runs"]) == set(COMPRESSION_SETTINGS)
+    for run in results["runs"].values():
+        seedlm = run["seedlm"]
+        for tensor in seedlm["tensors"].values():
+            n = math.prod(tensor["shape"])  # the last block is padded: ceil(n / C) blocks of C weights
+            padded = math.ceil(n / seedlm["block"]) * seedlm["block"] / n
+            assert tensor["payload_bits_per_weight"] == pytest.approx(seedlm["formula_bits_per_weight"] * padded, rel=1e-12)
+            assert tensor["decode_is_exact"]
+        assert seedlm["baselines"]["bits_per_weight"] == seedlm["formula_bits_per_weight"]
+        assert run["rebuilt_logits_max_abs_diff"] == 0.0
+        assert [stage["stage"] for stage in run["stages"]] == list(run["config"]["stages"])
+        assert all(card["split"] == "test" for card in run["cards"].values())
+        sizes = run["sizes"]["compressed"]
+        assert sizes["file_bytes"] == sum(sizes[k] for k in ("ternary_range_coded", "ternary_packed", "ternary_scales",
+                                                             "seedlm", "float16", "other_tensors", "header_bytes"))
