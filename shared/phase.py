@@ -131,10 +131,14 @@ def available_phases() -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
-def get_phase(name: str) -> Phase:
+def registered_phase(name: str) -> Any:
+    """The entry point of the phase registered as `name` (not loaded); UnknownPhaseError otherwise."""
     found = available_phases()
     if name not in found:
         known = ", ".join(sorted(found)) or "none (is the project installed? `make venv`)"
         raise UnknownPhaseError(f"no phase named {name!r}; registered phases: {known}")
-    phase_cls = found[name].load()
-    return phase_cls()
+    return found[name]
+
+
+def get_phase(name: str) -> Phase:
+    return registered_phase(name).load()()

@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     local_store: Path = Field(default_factory=lambda: default_cache_dir() / "store")
 
     kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_client_id: str = ""  # a service's Kafka client id (broker logs, member ids); "" is agentforge-<phase>
     topic_prefix: str = "agentforge"
 
     s3_endpoint: str = "127.0.0.1:9000"  # host:port, as the minio client takes it
@@ -40,6 +41,8 @@ class Settings(BaseSettings):
 
     grpc_addr: str = "127.0.0.1:50051"  # control service
     health_addr: str = "127.0.0.1:8080"  # each phase service's health endpoint
+    # How long a phase service waits out S3 or Kafka being unreachable before it dead-letters the event.
+    retry_window_s: float = Field(default=300.0, ge=0)
 
     # Whether a pipeline step may name its phase as "module:Class" instead of a registered name. Off by default:
     # steps arrive in events and gRPC requests, and importing a module they name runs that module's code.

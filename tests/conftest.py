@@ -4,7 +4,7 @@ import torch
 
 import shared  # noqa: F401  first: it sets the OpenMP wait policy before torch starts its threads
 
-pytest_plugins = ["tests.plugins.infra"]
+pytest_plugins = ["tests.plugins.infra", "tests.fabric_cluster"]
 
 
 @pytest.fixture

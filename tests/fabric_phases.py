@@ -7,8 +7,9 @@ Service processes load them as "tests.fabric_phases:Class" (they are not registe
     FineTune    takes a few AdamW steps on a fixed seeded token batch; reports the measured losses
     Endless     reports progress every 10 ms for a minute and never returns a model: a phase to abandon
 Each reports numbers measured on the model it returns. FineTune takes `hold_s`: it keeps the handler
-busy that long before training, to outlast a shrunk max.poll.interval.ms, and `invocation_log`: a file
-it appends one line to per call, so a test can count how often the transform really ran.
+busy that long before training, to outlast a shrunk max.poll.interval.ms; `hold_first_s`, the same on
+its first call only (a call that will be abandoned, then redone without the wait); and `invocation_log`:
+a file it appends one line to per call, so a test can count how often the transform really ran.
 """
 from __future__ import annotations
 
@@ -111,6 +112,7 @@ class FineTuneConfig(PhaseConfig):
     steps: int = 3
     lr: float = 1e-2
     hold_s: float = 0.0
+    hold_first_s: float = 0.0
     invocation_log: str = ""
 
 
@@ -119,10 +121,14 @@ class FineTune(Phase):
     Config = FineTuneConfig
 
     def transform(self, models, config, progress: ProgressFn = no_progress) -> PhaseResult:
+        hold_s = config.hold_s
         if config.invocation_log:
-            with open(config.invocation_log, "a") as log:
+            with open(config.invocation_log, "a+") as log:
+                log.seek(0)
+                if not log.read():
+                    hold_s += config.hold_first_s
                 log.write(f"{time.time()}\n")
-        deadline = time.monotonic() + config.hold_s
+        deadline = time.monotonic() + hold_s
         while time.monotonic() < deadline:
             progress(0.0, "holding")
             time.sleep(min(0.5, max(deadline - time.monotonic(), 0)))

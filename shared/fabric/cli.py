@@ -218,14 +218,16 @@ class RunProgress:
                 self.progress.update(self.tasks[index], message=f"[red]failed: {status.failure.reason}[/red]")
 
 
-def watch_statuses(settings: Settings, run_id: str) -> Iterator[RunStatus]:
-    """Successive statuses of a run until it completes or fails: folded from the control service's
-    event stream, else polled from the archive an embedded run in another process writes."""
+def watch_statuses(settings: Settings, run_id: str, until_completed: bool = False) -> Iterator[RunStatus]:
+    """Successive statuses of a run until it completes or fails (or, until_completed, until it completes):
+    folded from the control service's event stream, else polled from the archive an embedded run in
+    another process writes."""
     stub = control_stub(settings)
     if stub is not None:
         status = None
+        request = control_pb2.WatchRunRequest(run_id=run_id, until_completed=until_completed)
         try:
-            for envelope in stub.WatchRun(control_pb2.WatchRunRequest(run_id=run_id)):
+            for envelope in stub.WatchRun(request):
                 status = fold(status, envelope)
                 yield status
         except grpc.RpcError as error:
@@ -360,9 +362,13 @@ def newest_archived(settings: Settings) -> list[RunStatus]:
     return newest_first(RunArchive.from_settings(settings).all())
 
 
-def watch(run_id: Annotated[str, typer.Argument(help="The run to follow.")]) -> None:
+def watch(
+    run_id: Annotated[str, typer.Argument(help="The run to follow.")],
+    until_completed: Annotated[bool, typer.Option(
+        "--until-completed", help="Keep following after a failure, until a redrive completes the run.")] = False,
+) -> None:
     """Follow a run's progress live until it completes or fails."""
-    final = follow(watch_statuses(Settings(), run_id))
+    final = follow(watch_statuses(Settings(), run_id, until_completed))
     if final is not None:
         show_run(final)
         if final.state == control_pb2.RUN_STATE_FAILED:
@@ -500,30 +506,61 @@ def on_kafka(work: Callable) -> Any:
 
 
 def letters_table(letters) -> Table:
-    table = Table("run", "phase", "reason", "attempts", "from", "error")
+    table = Table("letter", "run", "phase", "reason", "attempts", "from", "error")
     for letter in letters:
         where = f"{letter.original_topic}[{letter.original_partition}]@{letter.original_offset}"
-        table.add_row(letter.run_id, letter.phase, letter.reason, str(letter.attempts), where, letter.error[:120])
+        table.add_row(letter.letter_id, letter.run_id, letter.phase, letter.reason, str(letter.attempts), where,
+                      letter.error[:120])
     return table
 
 
-@dlq_app.command("list")
-def dlq_list() -> None:
-    """Every dead letter, with where it came from and why."""
-    from shared.fabric.dlq import list_dead_letters
+RunOption = typer.Option("", "--run", help="Only the letters of this run id.")
+ReasonOption = typer.Option("", "--reason", help="Only letters with this reason, e.g. missing_checkpoint.")
+OffsetOption = typer.Option("", "--offset", help="Only this letter: PARTITION:OFFSET as `dlq list` shows, or OFFSET.")
 
-    letters = on_kafka(lambda bus, topics: list_dead_letters(bus, topics))
+
+@dlq_app.command("list")
+def dlq_list(
+    run_id: str = RunOption,
+    reason: str = ReasonOption,
+    settled: bool = typer.Option(False, "--all", help="Also the letters already redriven or purged."),
+) -> None:
+    """The dead letters waiting for a redrive or a purge, with where they came from and why."""
+    from shared.fabric.dlq import LetterFilter, list_dead_letters
+
+    select = LetterFilter(run_id=run_id, reason=reason)
+    letters = on_kafka(lambda bus, topics: list_dead_letters(bus, topics, include_settled=settled))
+    letters = [letter for letter in letters if select(letter)]
     console.print(letters_table(letters) if letters else "no dead letters")
 
 
 @dlq_app.command("redrive")
-def dlq_redrive() -> None:
-    """Republish every dead letter not redriven before to its original topic (fix the cause first)."""
-    from shared.fabric.dlq import redrive_dead_letters
+def dlq_redrive(run_id: str = RunOption, reason: str = ReasonOption, offset: str = OffsetOption) -> None:
+    """Republish dead letters (all, or those selected) to their original topic; fix the cause first."""
+    from shared.fabric.dlq import LetterFilter, redrive_dead_letters
 
-    letters = on_kafka(lambda bus, topics: redrive_dead_letters(bus, topics))
+    select = LetterFilter(run_id=run_id, reason=reason, offset=offset)
+    letters = on_kafka(lambda bus, topics: redrive_dead_letters(bus, topics, select=select))
     console.print(letters_table(letters) if letters else "nothing to redrive")
     console.print(f"redrove {len(letters)} dead letter(s)")
+
+
+@dlq_app.command("purge")
+def dlq_purge(
+    run_id: str = RunOption,
+    reason: str = ReasonOption,
+    offset: str = OffsetOption,
+    every: bool = typer.Option(False, "--all", help="Purge every waiting letter."),
+) -> None:
+    """Drop dead letters nobody will redrive (they stay on the topic, settled, for `dlq list --all`)."""
+    from shared.fabric.dlq import LetterFilter, purge_dead_letters
+
+    select = LetterFilter(run_id=run_id, reason=reason, offset=offset)
+    if select == LetterFilter() and not every:
+        raise fail("say which letters to purge (--run, --reason, --offset), or --all")
+    letters = on_kafka(lambda bus, topics: purge_dead_letters(bus, topics, select=select))
+    console.print(letters_table(letters) if letters else "nothing to purge")
+    console.print(f"purged {len(letters)} dead letter(s)")
 
 
 def register_fabric_commands(app: typer.Typer) -> None:

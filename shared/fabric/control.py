@@ -124,9 +124,6 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
         try:
             if self.prepare is not None:
                 await self.prepare(spec)
-            first = self.topics.phase_input(phase_name(spec.steps[0].phase)) if spec.steps else self.topics.runs
-            # Created with the bus's partition count rather than left to the broker's auto-creation.
-            await self.bus.ensure_topics([self.topics.runs, first])
             await start_pipeline(
                 self.bus, spec, topics=self.topics, run_id=run_id, tracer_provider=self.tracer_provider
             )
@@ -163,7 +160,7 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
         await self._known_run(request.run_id, context)
         async for envelope in run_events(self.bus, self.topics, request.run_id):
             yield envelope
-            if is_terminal(envelope):
+            if is_terminal(envelope, until_completed=request.until_completed):
                 return
 
     async def Replay(self, request: control_pb2.ReplayRequest, context):

@@ -7,10 +7,12 @@ Headers added to the original record's own (the value and key are kept byte for 
     x-agentforge-attempts  how many times the phase tried
     x-agentforge-phase     the phase that gave up
     x-agentforge-failed-at when, in Unix milliseconds (the failing service's clock)
-Redrive republishes dead letters to their original topic once the cause is fixed. It reads with its own
-consumer group, so each dead letter is redriven once. A letter that fails again comes back as a new one,
-dated after the redrive began: redrive leaves those for the next redrive (uncommitted), or a cause that
-is not fixed would loop between the phase and the dead-letter topic.
+Redrive republishes selected dead letters (by run, reason or offset) to their original topic once the
+cause is fixed; purge drops letters nobody will redrive. Kafka topics are append-only, so both settle a
+letter by appending a settlement record (empty value, x-agentforge-settles = "<partition>:<offset>" of the
+letter, x-agentforge-settled-as = redriven | purged), and listing leaves settled letters out: each letter
+is redriven at most once. A redrive acts on the letters listed when it began, so a letter that fails
+again (a new letter) waits for the next redrive instead of looping between the phase and this topic.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ ERROR = HEADER_PREFIX + "error"
 ATTEMPTS = HEADER_PREFIX + "attempts"
 PHASE = HEADER_PREFIX + "phase"
 FAILED_AT = HEADER_PREFIX + "failed-at"
+SETTLES = HEADER_PREFIX + "settles"
+SETTLED_AS = HEADER_PREFIX + "settled-as"
 MAX_ERROR_BYTES = 4000
 
 
@@ -66,6 +70,26 @@ class DeadLetter:
     def run_id(self) -> str:
         return (self.record.key or b"").decode("utf-8", "replace")
 
+    @property
+    def letter_id(self) -> str:
+        """Where the letter is on the dead-letter topic: "<partition>:<offset>"."""
+        return f"{self.record.partition}:{self.record.offset}"
+
+
+@dataclass(frozen=True)
+class LetterFilter:
+    """Which letters a redrive or purge takes; an empty filter takes all. `offset` is a letter id
+    ("<partition>:<offset>" on the dead-letter topic) or a bare offset, matched on any partition."""
+
+    run_id: str = ""
+    reason: str = ""
+    offset: str = ""
+
+    def __call__(self, letter: DeadLetter) -> bool:
+        if self.offset and self.offset not in (letter.letter_id, str(letter.record.offset)):
+            return False
+        return (not self.run_id or letter.run_id == self.run_id) and (not self.reason or letter.reason == self.reason)
+
 
 def dead_letter_headers(record: Record, *, reason: str, error: str, attempts: int, phase: str) -> Headers:
     kept = [(name, value) for name, value in record.headers if not name.startswith(HEADER_PREFIX)]
@@ -89,38 +113,53 @@ async def send_to_dead_letters(
     await bus.publish(topics.dlq, record.value or b"", key=key, headers=headers)
 
 
-async def list_dead_letters(bus: Bus, topics: Topics = Topics(), idle_s: float = 5.0) -> list[DeadLetter]:
-    """Every dead letter from the start of the topic (reads with a throwaway group, commits nothing)."""
+async def list_dead_letters(
+    bus: Bus, topics: Topics = Topics(), idle_s: float = 5.0, *, include_settled: bool = False
+) -> list[DeadLetter]:
+    """The dead letters not yet redriven or purged (all of them with include_settled), read from the
+    start of the topic with a throwaway group that commits nothing."""
     consumer = bus.consumer([topics.dlq], f"{topics.prefix}-dlq-list-{uuid.uuid4().hex[:8]}")
     await consumer.start()
-    letters = []
+    letters, settled = [], set()
     try:
         while (record := await consumer.next(idle_s)) is not None:
-            letters.append(DeadLetter.from_record(record))
+            if (settles := record.header(SETTLES)) is not None:
+                settled.add(settles.decode())
+            else:
+                letters.append(DeadLetter.from_record(record))
     finally:
         await consumer.stop()
-    return letters
+    return [letter for letter in letters if include_settled or letter.letter_id not in settled]
 
 
-async def redrive_dead_letters(bus: Bus, topics: Topics = Topics(), idle_s: float = 5.0) -> list[DeadLetter]:
-    """Republish every dead letter not redriven before to its original topic; return them.
+async def _settle(bus: Bus, topics: Topics, letter: DeadLetter, settled_as: str) -> None:
+    headers = [(SETTLES, letter.letter_id.encode()), (SETTLED_AS, settled_as.encode())]
+    await bus.publish(topics.dlq, b"", key=letter.run_id, headers=headers)
 
-    Stops when no letter arrives for idle_s seconds (on Kafka the first fetch waits for the group join).
+
+async def redrive_dead_letters(
+    bus: Bus, topics: Topics = Topics(), idle_s: float = 5.0, select: LetterFilter = LetterFilter()
+) -> list[DeadLetter]:
+    """Republish the selected unsettled letters to their original topics and settle them; return them.
+
+    Listing stops when no record arrives for idle_s seconds (on Kafka the first fetch waits for the join).
     """
-    began_ms = int(time.time() * 1000)
-    consumer = bus.consumer([topics.dlq], f"{topics.prefix}-dlq-redrive")
-    await consumer.start()
     redriven = []
-    try:
-        while (record := await consumer.next(idle_s)) is not None:
-            letter = DeadLetter.from_record(record)
-            if letter.failed_at_ms >= began_ms:
-                continue  # failed again during this redrive: later letters of its partition are newer still
-            if letter.original_topic:
-                headers = [(name, value) for name, value in record.headers if not name.startswith(HEADER_PREFIX)]
-                await bus.publish(letter.original_topic, record.value or b"", key=letter.run_id, headers=headers)
-                redriven.append(letter)
-            await consumer.commit(record)
-    finally:
-        await consumer.stop()
+    for letter in await list_dead_letters(bus, topics, idle_s):
+        if not (select(letter) and letter.original_topic):
+            continue
+        headers = [(name, value) for name, value in letter.record.headers if not name.startswith(HEADER_PREFIX)]
+        await bus.publish(letter.original_topic, letter.record.value or b"", key=letter.run_id, headers=headers)
+        await _settle(bus, topics, letter, "redriven")
+        redriven.append(letter)
     return redriven
+
+
+async def purge_dead_letters(
+    bus: Bus, topics: Topics = Topics(), idle_s: float = 5.0, select: LetterFilter = LetterFilter()
+) -> list[DeadLetter]:
+    """Settle the selected unsettled letters without redriving them; return them."""
+    purged = [letter for letter in await list_dead_letters(bus, topics, idle_s) if select(letter)]
+    for letter in purged:
+        await _settle(bus, topics, letter, "purged")
+    return purged

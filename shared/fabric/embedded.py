@@ -21,7 +21,8 @@ from shared.fabric.pipeline import start_pipeline
 from shared.fabric.storage import ObjectStore
 from shared.fabric.topics import Topics
 from shared.fabric.tracing import tracer_provider as make_tracer_provider
-from shared.fabric.worker import PhaseWorker, RetryPolicy
+from shared.fabric.retry import RetryPolicy
+from shared.fabric.worker import PhaseWorker
 from shared.settings import Settings
 
 

@@ -31,7 +31,9 @@ class FailureReason(StrEnum):
     SHA256_MISMATCH = "sha256_mismatch"
     INVALID_CHECKPOINT = "invalid_checkpoint"  # manifest or file listing does not verify
     INVALID_CONFIG = "invalid_config"
+    INVALID_SPEC = "invalid_spec"  # a later step names a phase that is not registered
     PHASE_ERROR = "phase_error"
+    INFRASTRUCTURE = "infrastructure_unavailable"  # S3 or Kafka stayed down for the whole retry window
 
 
 class BadEvent(Exception):

@@ -5,6 +5,11 @@ partitions and keeps calling getmany(): that returns nothing but keeps the membe
 (aiokafka counts time inside getmany as not idle), so it is not evicted and another member does not
 reprocess the record (aiokafka #848). After the handler it commits the record's offset + 1 explicitly
 and resumes. Records are keyed by run id, so one run's events stay ordered within a partition.
+
+A rebalance first revokes every partition of every member (the eager protocol), then assigns them anew.
+A record in hand is then held at bus.must_finish() until the assignment: if its partition stays here the
+handler goes on; if it moved, the handler is abandoned (the new owner redoes the record). A handler
+already past must_finish() is waited for, and its record committed, inside the revocation.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import CommitFailedError, IllegalStateError, TopicAlreadyExistsError
 
-from shared.fabric.bus import Bus, Consumer, Handler, Headers, Record
+from shared.fabric.bus import Bus, Consumer, Delivery, Handler, Headers, Record, start_handler
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +78,9 @@ class KafkaBus(Bus):
             await admin.close()
 
 
-class _PauseNewPartitions(ConsumerRebalanceListener):
-    """While a handler works, partitions assigned by a rebalance stay paused too."""
+class _Rebalance(ConsumerRebalanceListener):
+    """While a handler works, partitions assigned by a rebalance stay paused too, and a revoked record in
+    hand is abandoned or finished (see the module docstring)."""
 
     def __init__(self, owner: KafkaConsumer) -> None:
         self.owner = owner
@@ -82,17 +88,43 @@ class _PauseNewPartitions(ConsumerRebalanceListener):
     async def on_partitions_revoked(self, revoked) -> None:
         if revoked:
             log.info("partitions revoked: %s", sorted(map(str, revoked)))
+        in_hand = self.owner.in_hand
+        if in_hand is None:
+            return
+        delivery, work = in_hand
+        record = delivery.record
+        if TopicPartition(record.topic, record.partition) not in revoked:
+            return
+        if delivery.must_finish:
+            log.info("finishing %s[%d]@%d before giving its partition up", record.topic, record.partition, record.offset)
+            await asyncio.wait([work])
+            if not work.cancelled() and work.exception() is None:
+                delivery.committed = await self.owner.commit(record)
+        else:
+            delivery.owned.clear()  # hold it at must_finish() until the assignment says whose it is
 
     async def on_partitions_assigned(self, assigned) -> None:
         log.info("partitions assigned: %s", sorted(map(str, assigned)))
         if self.owner.working and assigned:
             self.owner.client.pause(*assigned)
+        in_hand = self.owner.in_hand
+        if in_hand is None or in_hand[0].owned.is_set():
+            return
+        delivery, work = in_hand
+        record = delivery.record
+        if TopicPartition(record.topic, record.partition) not in assigned:
+            log.info("abandoning %s[%d]@%d: its partition moved to another member", record.topic, record.partition,
+                     record.offset)
+            delivery.abandoned = True
+            work.cancel()
+        delivery.owned.set()
 
 
 class KafkaConsumer(Consumer):
     def __init__(self, bus: KafkaBus, topics: list[str], group: str, hold_poll_ms: int = 200) -> None:
         self.topics, self.group, self.hold_poll_ms = list(topics), group, hold_poll_ms
         self.working = False
+        self.in_hand: tuple[Delivery, asyncio.Task] | None = None
         self.client = AIOKafkaConsumer(
             bootstrap_servers=bus.bootstrap,
             client_id=bus.client_id,
@@ -106,7 +138,7 @@ class KafkaConsumer(Consumer):
         )
 
     async def start(self) -> None:
-        self.client.subscribe(self.topics, listener=_PauseNewPartitions(self))
+        self.client.subscribe(self.topics, listener=_Rebalance(self))
         await self.client.start()
 
     async def stop(self) -> None:
@@ -131,15 +163,19 @@ class KafkaConsumer(Consumer):
     async def handle(self, record: Record, handler: Handler) -> None:
         self.working = True
         self.client.pause(*self.client.assignment())
-        work = asyncio.ensure_future(handler(record))
+        delivery, work = self.in_hand = start_handler(record, handler)
         try:
             while not work.done():
                 stray = await self.client.getmany(timeout_ms=self.hold_poll_ms)
                 for tp, messages in stray.items():  # only if a partition slipped through unpaused
                     self.client.seek(tp, messages[0].offset)
                     self.client.pause(tp)
+            if delivery.abandoned:
+                return  # the partition's new owner handles the record
             await work
-            await self.commit(record)
+            if not delivery.committed:
+                await self.commit(record)
         finally:
+            self.in_hand = None
             self.working = False
             self.client.resume(*self.client.assignment())

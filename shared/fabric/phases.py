@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from shared.phase import Phase, get_phase
+from shared.phase import Phase, get_phase, registered_phase
 from shared.settings import Settings
 
 
@@ -31,5 +31,9 @@ def load_phase(spec: str) -> Phase:
 
 
 def phase_name(spec: str) -> str:
-    """The name topics and consumer groups use: the registered name, or the loaded class's `name`."""
-    return spec if ":" not in spec else load_phase(spec).name
+    """The name topics and consumer groups use: the registered name, or the loaded class's `name`.
+    LookupError for a phase that is not registered, so no event is ever sent to a topic nobody serves."""
+    if ":" in spec:
+        return load_phase(spec).name
+    registered_phase(spec)
+    return spec

@@ -25,7 +25,8 @@ async def publish_envelope(bus: Bus, topic: str, envelope: Envelope, trace_heade
 
 
 def check_spec(spec: pipeline_pb2.PipelineSpec) -> list[str]:
-    """The phase names of the steps; raises ValueError/LookupError on an empty spec, unknown phase or bad config."""
+    """The phase names of the steps; raises ValueError/LookupError on an empty spec, a phase that is not
+    registered (or a module phase where those are off) or a config that is not JSON."""
     if not spec.steps:
         raise ValueError("a pipeline needs at least one step")
     names = []
@@ -47,6 +48,7 @@ async def start_pipeline(
     """Emit the start of a run and return its run id (minted here when not given)."""
     names = check_spec(spec)
     run_id = run_id or uuid.uuid4().hex
+    await bus.ensure_topics([topics.runs, topics.phase_input(names[0])])  # the broker auto-creates none
     tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer(TRACER_NAME)
     # An empty parent context: every run is its own trace, whatever span the caller is in.
     with tracer.start_as_current_span(

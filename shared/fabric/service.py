@@ -16,7 +16,8 @@ from shared.fabric.phases import load_phase
 from shared.fabric.s3_store import S3Store
 from shared.fabric.topics import Topics
 from shared.fabric.tracing import tracer_provider
-from shared.fabric.worker import PhaseWorker, RetryPolicy
+from shared.fabric.retry import RetryPolicy
+from shared.fabric.worker import PhaseWorker
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ def serve_phase(
     settings: Settings | None = None,
     *,
     max_poll_interval_ms: int = 300_000,
-    retry: RetryPolicy = RetryPolicy(),
+    retry: RetryPolicy | None = None,
 ) -> None:
     """Run the service for `phase_spec` (a registered name or "module:Class") until SIGTERM/SIGINT."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -36,15 +37,17 @@ def serve_phase(
 
 
 async def serve_phase_async(
-    phase_spec: str, settings: Settings, *, max_poll_interval_ms: int = 300_000, retry: RetryPolicy = RetryPolicy()
+    phase_spec: str, settings: Settings, *, max_poll_interval_ms: int = 300_000, retry: RetryPolicy | None = None
 ) -> None:
     name = load_phase(phase_spec).name
+    retry = retry or RetryPolicy(transient_window_s=settings.retry_window_s)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     provider = tracer_provider(f"agentforge-{name}", settings)
-    bus = KafkaBus(settings.kafka_bootstrap, client_id=f"agentforge-{name}", max_poll_interval_ms=max_poll_interval_ms)
+    bus = KafkaBus(settings.kafka_bootstrap, client_id=settings.kafka_client_id or f"agentforge-{name}",
+                   max_poll_interval_ms=max_poll_interval_ms)
     store = await asyncio.to_thread(S3Store.from_settings, settings)
     worker = PhaseWorker(phase_spec, bus, store, topics=Topics.from_settings(settings), tracer_provider=provider,
                          retry=retry)

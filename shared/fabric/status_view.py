@@ -104,8 +104,10 @@ def state_name(state: int) -> str:
     return control_pb2.RunState.Name(state).removeprefix("RUN_STATE_").lower()
 
 
-def is_terminal(envelope: events_pb2.Envelope) -> bool:
-    return envelope.WhichOneof("payload") in ("pipeline_completed", "phase_failed")
+def is_terminal(envelope: events_pb2.Envelope, *, until_completed: bool = False) -> bool:
+    """Whether a watch ends at this event: at completion, or at a failure unless until_completed."""
+    return envelope.WhichOneof("payload") in (("pipeline_completed",) if until_completed
+                                              else ("pipeline_completed", "phase_failed"))
 
 
 class StatusView(ABC):

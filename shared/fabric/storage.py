@@ -1,6 +1,6 @@
 """Where packed checkpoints live: an object store interface with S3 and local-folder backends.
 
-Keys are paths like "outputs/cognate/<hash>/00-model.tar". Every object carries the SHA-256 of its bytes
+Keys are paths like "outputs/cognate/<hash>/00-model-<sha256 prefix>.tar". Every object carries the SHA-256 of its bytes
 (S3: object metadata, since a multipart ETag is not a digest of the object), so a reader can verify it.
 Calls block (the minio client is synchronous); the async runtime calls them in a thread.
 """
@@ -37,8 +37,21 @@ class ObjectStore(ABC):
         """The object under `key`, or None."""
 
     @abstractmethod
+    def stat_uri(self, uri: str, version_id: str = "") -> StoredObject | None:
+        """The object named by `uri` (an event's reference), or None."""
+
+    @abstractmethod
     def put_bytes(self, key: str, payload: bytes) -> StoredObject: ...
+
+    @abstractmethod
+    def put_bytes_if_absent(self, key: str, payload: bytes) -> bool:
+        """Write `payload` under `key` unless an object is there, atomically: True if this call wrote it.
+        Of two writers of one completion marker, the first wins and the second adopts its outputs."""
 
     @abstractmethod
     def get_bytes(self, key: str) -> bytes | None:
         """Small objects (completion markers); None if absent."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the object under `key` (nothing if absent)."""

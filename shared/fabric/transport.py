@@ -9,6 +9,7 @@ uses tarfile's "data" filter: no absolute paths, no links out of the folder, no 
 from __future__ import annotations
 
 import tarfile
+from collections.abc import Callable
 import tempfile
 from pathlib import Path
 
@@ -57,13 +58,16 @@ def unpack_checkpoint(tar_path: Path, directory: Path) -> Manifest:
     return verify_checkpoint(directory)
 
 
-def upload_checkpoint(store: ObjectStore, directory: Path, key: str) -> checkpoint_pb2.CheckpointRef:
-    """Pack, upload under `key`, and describe it for an event (with the manifest's lineage)."""
+def upload_checkpoint(
+    store: ObjectStore, directory: Path, key: str | Callable[[str], str]
+) -> checkpoint_pb2.CheckpointRef:
+    """Pack, upload under `key` (or key(tar SHA-256), for names that carry their content), and describe
+    it for an event (with the manifest's lineage)."""
     manifest = verify_checkpoint(directory)
     with tempfile.TemporaryDirectory() as tmp:
         tar_path = Path(tmp) / "checkpoint.tar"
         sha256 = pack_checkpoint(directory, tar_path)
-        stored = store.put_file(key, tar_path, sha256)
+        stored = store.put_file(key(sha256) if callable(key) else key, tar_path, sha256)
     return checkpoint_pb2.CheckpointRef(
         uri=stored.uri,
         sha256=stored.sha256,

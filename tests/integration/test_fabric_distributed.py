@@ -1,7 +1,8 @@
 """The fabric for real: phase services as separate processes on Kafka, the S3 server and Jaeger.
 
 Every test gets its own topic prefix and bucket, so runs never see each other's events or outputs.
-The services run the test phases of tests/fabric_phases.py, loaded as "module:Class".
+The services run the test phases of tests/fabric_phases.py, loaded as "module:Class"; the `fabric`
+fixture and the helpers are in tests/fabric_cluster.py.
 """
 from __future__ import annotations
 
@@ -9,113 +10,25 @@ import asyncio
 import base64
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import httpx
 import pytest
 
-from shared.fabric.dlq import list_dead_letters, redrive_dead_letters
+from shared.fabric.dlq import LetterFilter, list_dead_letters, purge_dead_letters, redrive_dead_letters
 from shared.fabric.embedded import run_embedded_async
-from shared.fabric.events import FailureReason, decode_envelope, pipeline_spec
+from shared.fabric.events import FailureReason
 from shared.fabric.kafka_bus import KafkaBus
-from shared.fabric.launch import ServiceProcess, spawn_phase_service
 from shared.fabric.local_store import LocalStore
-from shared.fabric.pipeline import publish_envelope, start_pipeline
+from shared.fabric.pipeline import publish_envelope
 from shared.fabric.s3_store import S3Store
 from shared.fabric.topics import Topics
-from shared.fabric.tracing import tracer_provider
 from shared.fabric.transport import download_checkpoint, pack_checkpoint, upload_checkpoint
 from shared.settings import Settings
-from tests.fabric_phases import FineTune, ScaleWeights, SeedModel, altered, scale_event, seed_checkpoint, spec_for
+from tests.fabric_cluster import FINETUNE, SCALE, SEED, kind, output_objects, run_events, start_run, three_step_spec
+from tests.fabric_phases import altered, scale_event, seed_checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-REPO = Path(__file__).resolve().parents[2]
-SEED, SCALE, FINETUNE = spec_for(SeedModel, ScaleWeights, FineTune)
-SERVICE_START_S = 240  # importing torch and transformers takes long on a busy machine
-
-
-@pytest.fixture
-def fabric(infra, tmp_path):
-    """Settings isolated to this test: own topic prefix, own bucket; and a way to start services."""
-    infra.require("kafka", "s3", "jaeger")
-    tag = uuid.uuid4().hex[:10]
-    settings = Settings(topic_prefix=f"aftest{tag}", s3_bucket=f"aftest-{tag}")
-    env = {"AGENTFORGE_TOPIC_PREFIX": settings.topic_prefix, "AGENTFORGE_S3_BUCKET": settings.s3_bucket,
-           "PYTHONPATH": str(REPO)}
-    services: list[ServiceProcess] = []
-
-    def start_services(*phase_specs: str, **serve_kwargs) -> list[ServiceProcess]:
-        """Spawn all, then wait for all: their slow imports overlap."""
-        started = [
-            spawn_phase_service(spec, env=env, log_path=tmp_path / f"service-{len(services) + i}.log", cwd=REPO,
-                                **serve_kwargs)
-            for i, spec in enumerate(phase_specs)
-        ]
-        services.extend(started)
-        for service in started:
-            service.wait_ready(SERVICE_START_S)
-            assert httpx.get(f"http://{service.health_addr}/healthz", timeout=5).status_code == 200
-        return started
-
-    yield settings, start_services, tmp_path
-    for service in services:
-        service.stop()
-
-
-async def run_events(
-    settings: Settings, run_ids: set[str], until: set[str], timeout_s: float, linger_s: float = 0.0
-) -> list:
-    """Events on the runs topic for `run_ids` until each has one of the payload kinds in `until`,
-    then whatever else comes for them within linger_s (late duplicates)."""
-    topics = Topics.from_settings(settings)
-    bus = KafkaBus(settings.kafka_bootstrap)
-    consumer = bus.consumer([topics.runs], f"{topics.prefix}-watch-{uuid.uuid4().hex[:6]}")
-    await bus.ensure_topics([topics.runs])
-    await consumer.start()
-    seen, finished = [], set()
-    deadline = time.monotonic() + timeout_s
-    try:
-        while finished != run_ids:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"runs {run_ids - finished} did not finish; saw {[kind(e) for e in seen]}")
-            record = await consumer.next(1.0)
-            if record is None:
-                continue
-            envelope = decode_envelope(record.value)
-            if envelope.run_id in run_ids:
-                seen.append(envelope)
-                if kind(envelope) in until:
-                    finished.add(envelope.run_id)
-        while linger_s and (record := await consumer.next(linger_s)) is not None:
-            envelope = decode_envelope(record.value)
-            if envelope.run_id in run_ids:
-                seen.append(envelope)
-    finally:
-        await consumer.stop()
-    return seen
-
-
-def kind(envelope) -> str:
-    return envelope.WhichOneof("payload")
-
-
-async def start_run(settings: Settings, spec) -> str:
-    bus = KafkaBus(settings.kafka_bootstrap)
-    await bus.start()
-    provider = tracer_provider("agentforge-test-control", settings)
-    try:
-        return await start_pipeline(bus, spec, topics=Topics.from_settings(settings), tracer_provider=provider)
-    finally:
-        provider.shutdown()
-        await bus.stop()
-
-
-def output_objects(settings: Settings) -> list[str]:
-    store = S3Store.from_settings(settings)
-    return sorted(o.object_name for o in store.client.list_objects(settings.s3_bucket, prefix="outputs/", recursive=True))
-
 
 def jaeger_trace(settings: Settings, trace_id: str, services: set[str], timeout_s: float = 60) -> list[dict]:
     """Spans of the trace from Jaeger's /api/v3, once every service in `services` has reported."""
@@ -142,14 +55,6 @@ def hex_id(value: str) -> str:
     if value and all(c in "0123456789abcdefABCDEF" for c in value) and len(value) in (16, 32):
         return value.lower()
     return base64.b64decode(value).hex() if value else ""
-
-
-def three_step_spec(invocation_log: Path, hold_s: float = 0.0):
-    return pipeline_spec(
-        [(SEED, {"seed": 11}), (SCALE, {"factor": 0.7}),
-         (FINETUNE, {"steps": 2, "hold_s": hold_s, "invocation_log": str(invocation_log)})],
-        name="integration",
-    )
 
 
 def test_pipeline_runs_across_services_with_one_trace_and_matches_embedded(fabric):
@@ -234,6 +139,8 @@ def test_bad_inputs_are_dead_lettered_with_reasons_and_redrive_succeeds(fabric):
 
     future = scale_event("run-future", good, 0.5)
     future.schema_version = 99
+    unknown_next = scale_event("run-unknown", good, 0.5)  # its next step names a phase nobody registered
+    unknown_next.model_ready.spec.steps.add(phase="nosuchphase")
     start_services(SCALE)
     topic = topics.phase_input("fabric_scale")
 
@@ -243,20 +150,22 @@ def test_bad_inputs_are_dead_lettered_with_reasons_and_redrive_succeeds(fabric):
         try:
             await bus.publish(topic, b"\x00\xffgarbage", key="run-garbage")
             await bus.publish(topic, future.SerializeToString(), key="run-future")
+            await publish_envelope(bus, topic, unknown_next, [])
             for run_id, ref, factor in [("run-missing", missing, 0.25), ("run-sha", wrong_sha, 0.5), ("run-good", good, 0.5)]:
                 await publish_envelope(bus, topic, scale_event(run_id, ref, factor), [])
         finally:
             await bus.stop()
 
     asyncio.run(publish_all())
-    events = asyncio.run(run_events(settings, {"run-missing", "run-sha", "run-good"},
+    events = asyncio.run(run_events(settings, {"run-unknown", "run-missing", "run-sha", "run-good"},
                                     {"pipeline_completed", "phase_failed"}, timeout_s=300))
     outcome = {e.run_id: kind(e) for e in events if kind(e) in ("pipeline_completed", "phase_failed")}
-    assert outcome == {"run-missing": "phase_failed", "run-sha": "phase_failed", "run-good": "pipeline_completed"}
+    assert outcome == {"run-unknown": "phase_failed", "run-missing": "phase_failed", "run-sha": "phase_failed",
+                       "run-good": "pipeline_completed"}
 
     letters = asyncio.run(list_dead_letters(KafkaBus(settings.kafka_bootstrap), topics, idle_s=8))
     assert sorted(letter.reason for letter in letters) == sorted([
-        FailureReason.UNDECODABLE, FailureReason.UNKNOWN_SCHEMA_VERSION,
+        FailureReason.UNDECODABLE, FailureReason.UNKNOWN_SCHEMA_VERSION, FailureReason.INVALID_SPEC,
         FailureReason.MISSING_CHECKPOINT, FailureReason.SHA256_MISMATCH,
     ])
     assert all(letter.original_topic == topic and letter.original_offset >= 0 for letter in letters)
@@ -273,6 +182,24 @@ def test_bad_inputs_are_dead_lettered_with_reasons_and_redrive_succeeds(fabric):
         finally:
             await bus.stop()
 
-    assert len(asyncio.run(redrive())) == 4
+    assert len(asyncio.run(redrive())) == 5
     events = asyncio.run(run_events(settings, {"run-missing"}, {"pipeline_completed"}, timeout_s=120))
     assert kind(events[-1]) == "pipeline_completed"
+
+    # The unregistered phase cannot be fixed by a redrive: its letter is back, and a purge settles it.
+    deadline = time.monotonic() + 120
+    while not [letter for letter in asyncio.run(list_dead_letters(KafkaBus(settings.kafka_bootstrap), topics, idle_s=5))
+               if letter.run_id == "run-unknown"]:
+        assert time.monotonic() < deadline, "the redriven run-unknown did not fail again"
+
+    async def purge():
+        bus = KafkaBus(settings.kafka_bootstrap)
+        await bus.start()
+        try:
+            return await purge_dead_letters(bus, topics, idle_s=5, select=LetterFilter(run_id="run-unknown"))
+        finally:
+            await bus.stop()
+
+    assert [letter.reason for letter in asyncio.run(purge())] == [FailureReason.INVALID_SPEC]
+    left = asyncio.run(list_dead_letters(KafkaBus(settings.kafka_bootstrap), topics, idle_s=5))
+    assert "run-unknown" not in {letter.run_id for letter in left}

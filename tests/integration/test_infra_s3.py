@@ -38,3 +38,19 @@ def test_50_mb_object_round_trips_with_the_same_sha256(infra):
     finally:
         client.remove_object(settings.s3_bucket, name)
     assert digest.hexdigest() == expected
+
+
+def test_a_conditional_write_keeps_the_first_writers_object(infra):
+    from shared.fabric.s3_store import S3Store
+
+    infra.require("s3")
+    store = S3Store.from_settings(infra.settings)
+    key = f"infra-test/{uuid.uuid4().hex}/completed.pb"
+    try:
+        assert store.put_bytes_if_absent(key, b"first")
+        assert not store.put_bytes_if_absent(key, b"second")
+        assert store.get_bytes(key) == b"first"
+        assert store.stat(key).sha256 == hashlib.sha256(b"first").hexdigest()
+    finally:
+        store.delete(key)
+    assert store.get_bytes(key) is None

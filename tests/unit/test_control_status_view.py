@@ -11,7 +11,7 @@ from shared.contracts.agentforge.v1 import checkpoint_pb2, control_pb2, events_p
 from shared.fabric.events import new_envelope, pipeline_spec
 from shared.fabric.memory_bus import InMemoryBus
 from shared.fabric.pipeline import publish_envelope
-from shared.fabric.status_view import FaustStatusView, MemoryStatusView, RunArchive, fold
+from shared.fabric.status_view import FaustStatusView, MemoryStatusView, RunArchive, fold, is_terminal
 from shared.fabric.topics import Topics
 from shared.settings import Settings
 
@@ -170,3 +170,10 @@ def test_faust_table_folds_events_keyed_by_run_id():
     assert status == fold_all(successful_run())
     assert [s.run_id for s in runs] == [RUN]
     assert junk is None
+
+
+def test_a_watch_until_completed_goes_on_past_a_failure():
+    failed = new_envelope(RUN, "scale", phase_failed=events_pb2.PhaseFailed(step=1, phase="scale", reason="phase_error"))
+    completed = new_envelope(RUN, "scale", pipeline_completed=events_pb2.PipelineCompleted())
+    assert is_terminal(failed) and is_terminal(completed)
+    assert not is_terminal(failed, until_completed=True) and is_terminal(completed, until_completed=True)

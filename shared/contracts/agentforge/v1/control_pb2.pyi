@@ -45,10 +45,12 @@ class GetRunRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ...) -> None: ...
 
 class WatchRunRequest(_message.Message):
-    __slots__ = ("run_id",)
+    __slots__ = ("run_id", "until_completed")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_COMPLETED_FIELD_NUMBER: _ClassVar[int]
     run_id: str
-    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+    until_completed: bool
+    def __init__(self, run_id: _Optional[str] = ..., until_completed: _Optional[bool] = ...) -> None: ...
 
 class ListRunsRequest(_message.Message):
     __slots__ = ("page_size", "page_token")
