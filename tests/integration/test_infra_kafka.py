@@ -3,6 +3,7 @@ import uuid
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
@@ -20,10 +21,16 @@ async def test_consumer_group_resumes_from_its_committed_offset(infra):
     topic, group = f"infra-test-{uuid.uuid4().hex}", f"infra-test-group-{uuid.uuid4().hex}"
     partition = TopicPartition(topic, 0)
 
+    admin = AIOKafkaAdminClient(bootstrap_servers=infra.settings.kafka_bootstrap)
+    await admin.start()
+    try:  # created by name: the broker auto-creates no topic
+        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    finally:
+        await admin.close()
     producer = AIOKafkaProducer(bootstrap_servers=infra.settings.kafka_bootstrap, acks="all")
     await producer.start()
     try:
-        for message in MESSAGES:  # the topic does not exist yet: the broker creates it
+        for message in MESSAGES:
             await producer.send_and_wait(topic, message, partition=0)
     finally:
         await producer.stop()

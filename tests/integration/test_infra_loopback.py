@@ -6,6 +6,8 @@ from urllib.parse import urlsplit
 import psutil
 import pytest
 
+from shared.localinfra.stack import LocalStack
+
 pytestmark = pytest.mark.integration
 
 
@@ -35,7 +37,10 @@ def _listening(pid: int) -> set[tuple[str, int]]:
 def test_servers_listen_on_loopback_only(infra):
     if not infra.pids:
         pytest.skip("no local server processes (containers, or nothing could be started)")
-    for name, pid in infra.pids.items():
+    # Read now, not from the session's start: the fault tests restart servers (new pids, same ports).
+    running = {name: process.pid for name, process in LocalStack().running().items()}
+    assert running.keys() == infra.pids.keys()
+    for name, pid in running.items():
         listening = _listening(pid)
         assert listening, f"{name} (pid {pid}) listens on nothing"
         assert all(_is_loopback(ip) for ip, _ in listening), f"{name} listens beyond loopback: {listening}"
