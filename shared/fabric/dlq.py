@@ -91,9 +91,13 @@ class LetterFilter:
         return (not self.run_id or letter.run_id == self.run_id) and (not self.reason or letter.reason == self.reason)
 
 
+def _original_headers(headers: Headers) -> Headers:
+    """The record's own headers, without any dead-letter header an earlier failure added."""
+    return [(name, value) for name, value in headers if not name.startswith(HEADER_PREFIX)]
+
+
 def dead_letter_headers(record: Record, *, reason: str, error: str, attempts: int, phase: str) -> Headers:
-    kept = [(name, value) for name, value in record.headers if not name.startswith(HEADER_PREFIX)]
-    return kept + [
+    return _original_headers(record.headers) + [
         (ORIGINAL_TOPIC, record.topic.encode()),
         (ORIGINAL_PARTITION, str(record.partition).encode()),
         (ORIGINAL_OFFSET, str(record.offset).encode()),
@@ -148,8 +152,8 @@ async def redrive_dead_letters(
     for letter in await list_dead_letters(bus, topics, idle_s):
         if not (select(letter) and letter.original_topic):
             continue
-        headers = [(name, value) for name, value in letter.record.headers if not name.startswith(HEADER_PREFIX)]
-        await bus.publish(letter.original_topic, letter.record.value or b"", key=letter.run_id, headers=headers)
+        await bus.publish(letter.original_topic, letter.record.value or b"", key=letter.run_id,
+                          headers=_original_headers(letter.record.headers))
         await _settle(bus, topics, letter, "redriven")
         redriven.append(letter)
     return redriven

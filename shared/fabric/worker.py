@@ -386,16 +386,12 @@ class PhaseWorker:
         log.error("%s gives up on %s[%d]@%d (%s): %s", self.name, record.topic, record.partition, record.offset,
                   reason, error)
         # If Kafka itself stays down this raises: nothing is committed and the record comes back later.
-        async for attempt in self.retry.retrying("dead-letter"):
-            with attempt:
-                await send_to_dead_letters(self.bus, self.topics, record, reason=reason, error=str(error),
-                                           attempts=attempts, phase=self.name)
+        await self._attempt("dead-letter", lambda: send_to_dead_letters(
+            self.bus, self.topics, record, reason=reason, error=str(error), attempts=attempts, phase=self.name))
         # An event that does not decode still names its run in the record key (events are keyed by run id).
         run_id = envelope.run_id if envelope is not None else (record.key or b"").decode("utf-8", "replace")
         if run_id:
             ready = envelope is not None and envelope.WhichOneof("payload") == "model_ready"
             failed = events_pb2.PhaseFailed(step=envelope.model_ready.step if ready else 0, phase=self.name,
                                             reason=reason, error=str(error), attempts=attempts)
-            async for attempt in self.retry.retrying("publish PhaseFailed"):
-                with attempt:
-                    await self._publish(self.topics.runs, run_id, phase_failed=failed)
+            await self._attempt("publish PhaseFailed", lambda: self._publish(self.topics.runs, run_id, phase_failed=failed))
