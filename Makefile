@@ -6,7 +6,7 @@ UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 export UV_CACHE_DIR ?= $(HOME)/.cache/agentforge/uv
 export UV_LINK_MODE ?= hardlink
 
-.PHONY: venv run test test-unit infra-install infra-up infra-down bench bench-seeds bench-quietstar bench-forge bench-grokfast bench-baking bench-adas bench-compression clean
+.PHONY: venv run test browser test-unit infra-install infra-up infra-down bench bench-pipeline bench-seeds bench-quietstar bench-forge bench-grokfast bench-baking bench-adas bench-compression clean
 
 $(UV):
 	$(PYTHON) -m pip install --user --quiet uv
@@ -27,7 +27,16 @@ run: venv
 ## need it skip, naming the reason.
 test: venv
 	-$(BIN)/agentforge infra install
+	-$(MAKE) --no-print-directory browser
 	$(BIN)/python -m pytest
+
+## Headless Chromium, for the run report's browser test: Debian's package, installed where apt may (root).
+## Without it that one test skips, saying why.
+APT_CHROMIUM := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { $(APT_CHROMIUM) >/dev/null || { apt-get update -qq && $(APT_CHROMIUM) >/dev/null; }; }; } || \
+	  echo "chromium is not installed and cannot be here: the report's browser test will skip"
 
 test-unit: venv
 	$(BIN)/python -m pytest -m "unit and not slow"
@@ -45,6 +54,11 @@ bench: venv
 	$(BIN)/python -m bench.bitnet
 	$(BIN)/agentforge infra up
 	eval "$$($(BIN)/agentforge infra env)" && $(BIN)/python -m bench.fabric
+
+## The whole pipeline timed embedded: the smoke preset and tiny (`make run`'s, long); bench/results/pipeline.json.
+bench-pipeline: venv
+	$(BIN)/python -m bench.pipeline
+	$(BIN)/python -m bench.readme
 
 ## Cognate -> EvoMerge -> BitNet on three seeds (about an hour); the README's results are generated from its file.
 bench-seeds: venv

@@ -187,11 +187,14 @@ def bits_per_byte(
 
 def greedy_continuations(
     model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16,
-    stop_strings: Sequence[str] = (TERMINATOR,),
+    stop_strings: Sequence[str] = (TERMINATOR,), streamer=None,
 ) -> list[str]:
     """Greedy continuation of each prompt (left-padded batches), stopped at a stop string or EOS. A row that
-    stops early may carry text past its stop string (the batch generates on): callers cut at the first one."""
-    return _continuations(model, tokenizer, prompts, max_new_tokens, batch_size, stop_strings, do_sample=False)
+    stops early may carry text past its stop string (the batch generates on): callers cut at the first one.
+    A transformers streamer (one prompt only) sees the tokens as they come."""
+    streaming = {} if streamer is None else {"streamer": streamer}
+    return _continuations(model, tokenizer, prompts, max_new_tokens, batch_size, stop_strings, do_sample=False,
+                          **streaming)
 
 
 def sampled_continuations(

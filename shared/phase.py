@@ -92,6 +92,18 @@ class Phase(ABC):
     ) -> PhaseResult:
         """Turn the input models into output models and a report of measured numbers."""
 
+    def figures(self, report: dict[str, Any]) -> list[tuple[str, Any]]:
+        """(title, matplotlib Figure) pairs drawn from this phase's report for `agentforge report`; by default
+        every training curve in it (shared.report). A phase adds its own: search fitness, reward, fronts."""
+        from shared.report import curve_figures
+
+        return curve_figures(report)
+
+    def thinking_model(self, forged: ForgedModel) -> Any | None:
+        """`forged` wrapped to think before each token, from what this phase made it carry (Quiet-STaR's
+        mixing head); None where this phase adds no thinking. `agentforge generate --think` asks every phase."""
+        return None
+
 
 def _quant_method(forged: ForgedModel) -> str | None:
     quantization = getattr(forged.model.config, "quantization_config", None)
@@ -121,6 +133,16 @@ def one_ternary_model(models: list[ForgedModel], phase: str) -> ForgedModel:
     if _quant_method(forged) != "bitnet":
         raise ValueError(f"model {forged.name!r} is not a BitNet model; the {phase} phase takes BitNet's output")
     return forged
+
+
+def as_measured(forged: ForgedModel):
+    """The model as the phases measure it: a BitNet model's ternary layers as BitLinear at full strength on
+    its latent weights (what stock transformers' BitNet layers compute in another order); others as they are."""
+    if _quant_method(forged) != "bitnet":
+        return forged.model
+    from shared.ternary.bitlinear import trainable_ternary
+
+    return trainable_ternary(forged.model).eval()
 
 
 class UnknownPhaseError(LookupError):

@@ -42,7 +42,7 @@ class Transcript:
         return any(not result.startswith(ERROR_PREFIX) for result in self.results)
 
 
-def _first_stop(text: str, stops: Sequence[str]) -> str:
+def first_stop(text: str, stops: Sequence[str]) -> str:
     """text up to and including the earliest stop string in it (all of it if none occurs)."""
     ends = [text.index(stop) + len(stop) for stop in stops if stop in text]
     return text[: min(ends)] if ends else text
@@ -70,7 +70,7 @@ def run_with_tools(generate: Generate, prompts: Sequence[str], max_new_tokens: i
         continuations = generate([prompts[i] + texts[i] for i in active], max_new_tokens, stops)
         still_calling = []
         for i, continuation in zip(active, continuations, strict=True):
-            piece = _first_stop(continuation, stops)
+            piece = first_stop(continuation, stops)
             texts[i] += piece
             if piece.endswith(CALC_CLOSE) and CALC_CLOSE in stops:
                 expression = _call_expression(piece)

@@ -5,6 +5,7 @@ runs never see each other's events or outputs. Services run the test phases of t
 """
 from __future__ import annotations
 
+import base64
 import time
 import uuid
 from pathlib import Path
@@ -117,3 +118,40 @@ def three_step_spec(invocation_log: Path, hold_s: float = 0.0, *, seed: int = 11
     )
 
 
+def jaeger_trace(settings: Settings, trace_id: str, services: set[str], timeout_s: float = 60) -> list[dict]:
+    """Spans of the trace from Jaeger's /api/v3, once every service in `services` has reported."""
+    url = f"{settings.jaeger_query_url.rstrip('/')}/api/v3/traces/{trace_id}"
+    deadline = time.monotonic() + timeout_s
+    spans: list[dict] = []
+    while time.monotonic() < deadline:
+        response = httpx.get(url, timeout=10)
+        if response.status_code == 200:
+            spans = []
+            for resource_spans in response.json()["result"]["resourceSpans"]:
+                attributes = {a["key"]: a["value"].get("stringValue") for a in resource_spans["resource"]["attributes"]}
+                for scope in resource_spans["scopeSpans"]:
+                    for span in scope["spans"]:
+                        spans.append({**span, "service": attributes.get("service.name")})
+            if services <= {span["service"] for span in spans}:
+                return spans
+        time.sleep(2)
+    raise AssertionError(f"trace {trace_id} lacks services {services - {s['service'] for s in spans}}")
+
+
+def hex_id(value: str) -> str:
+    """OTLP JSON ids are hex; grpc-gateway renderings give base64. Accept both."""
+    if value and all(c in "0123456789abcdefABCDEF" for c in value) and len(value) in (16, 32):
+        return value.lower()
+    return base64.b64decode(value).hex() if value else ""
+
+
+def chains_to_one_root(spans: list[dict], services: set[str], root_service: str) -> None:
+    """The trace has one root span, from root_service, and a span of every service in `services` chains to it."""
+    by_id = {hex_id(span["spanId"]): span for span in spans}
+    roots = [span for span in spans if not hex_id(span.get("parentSpanId", ""))]
+    assert len(roots) == 1 and roots[0]["service"] == root_service, [r["service"] for r in roots]
+    for service in services:
+        span = next(s for s in spans if s["service"] == service)
+        while hex_id(span.get("parentSpanId", "")):
+            span = by_id[hex_id(span["parentSpanId"])]
+        assert span is roots[0], f"{service}'s span does not chain to the root"

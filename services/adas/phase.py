@@ -99,6 +99,12 @@ class AdasPhase(Phase):
     version = "1"
     Config = AdasConfig
 
+    def figures(self, report: dict) -> list:
+        """The training curves, and the search's front (figures.py)."""
+        from services.adas.figures import front_figure
+
+        return [*super().figures(report), *front_figure(report)]
+
     def transform(self, models: list[ForgedModel], config: AdasConfig, progress: ProgressFn = no_progress) -> PhaseResult:
         forged = one_ternary_model(models, self.name)
         tokenizer = forged.tokenizer

@@ -162,6 +162,12 @@ class EvoMergePhase(Phase):
     version = "4"  # 4: the shared scorecard (problem-level splits, tool runtime), the multitask baseline
     Config = EvoMergeConfig
 
+    def figures(self, report: dict) -> list:
+        """The training curves, and fitness by generation (figures.py)."""
+        from services.evomerge.figures import fitness_figure
+
+        return [*super().figures(report), *fitness_figure(report)]
+
     def transform(self, models: list[ForgedModel], config: EvoMergeConfig, progress: ProgressFn = no_progress) -> PhaseResult:
         base, specialists, baselines = _check_parents(models, config.base_name, config.baselines)
         names = [m.name for m in specialists]

@@ -111,6 +111,12 @@ class ForgePhase(Phase):
     version = "1"
     Config = ForgeConfig
 
+    def figures(self, report: dict) -> list:
+        """The training curves, and difficulty and ablations (figures.py)."""
+        from services.forge.figures import forge_figures
+
+        return [*super().figures(report), *forge_figures(report)]
+
     def transform(self, models: list[ForgedModel], config: ForgeConfig, progress: ProgressFn = no_progress) -> PhaseResult:
         forged = one_ternary_model(models, self.name)
         tokenizer = forged.tokenizer

@@ -33,10 +33,10 @@ import dataclasses
 import torch
 from pydantic import Field, field_validator
 
-from services.quietstar.mixing_head import MIXING_HEAD_FILE, MixingHead, save_head
+from services.quietstar.mixing_head import MIXING_HEAD_FILE, MixingHead, head_metadata, load_head, save_head
 from services.quietstar.objective import ObjectiveConfig, QuietStarModel, quietstar_loss
 from services.quietstar.thinking import ThinkingModel
-from services.quietstar.thoughts import ThoughtEmbeddings, add_thought_tokens, n_blocks
+from services.quietstar.thoughts import ThoughtEmbeddings, add_thought_tokens, n_blocks, thought_tokens
 from shared.data.skills import check_mix, skill_rows
 from shared.phase import ForgedModel, Phase, PhaseConfig, PhaseResult, ProgressFn, no_progress, one_float_model
 from shared.scorecard import ScorecardSpec, compare, report_section, score
@@ -82,6 +82,21 @@ class QuietStarPhase(Phase):
     name = "quietstar"
     version = "1"
     Config = QuietStarConfig
+
+    def figures(self, report: dict) -> list:
+        """The training curves, and the reward (figures.py)."""
+        from services.quietstar.figures import reward_figure
+
+        return [*super().figures(report), *reward_figure(report)]
+
+    def thinking_model(self, forged: ForgedModel) -> ThinkingModel | None:
+        """The model with the mixing head it carries (later phases carry it on unchanged)."""
+        payload = forged.carried.get(MIXING_HEAD_FILE)
+        if payload is None:
+            return None
+        head, vectors = load_head(payload)
+        return ThinkingModel(forged.model, head, thought_tokens(forged.tokenizer), vectors,
+                             int(head_metadata(payload)["thought_length"]))
 
     def transform(self, models: list[ForgedModel], config: QuietStarConfig, progress: ProgressFn = no_progress) -> PhaseResult:
         forged = one_float_model(models, self.name)

@@ -71,22 +71,29 @@ class ThinkingModel(torch.nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                  pad_token_id: int, tokenizer, stop_strings: Sequence[str] = (), do_sample: bool = False,
-                 **_) -> torch.Tensor:
+                 streamer=None, **_) -> torch.Tensor:
         """Greedy generation as transformers' generate returns it (prompt + new tokens, finished rows padded),
-        stopping a row at the end-of-text token or once its new text holds a stop string."""
+        stopping a row at the end-of-text token or once its new text holds a stop string. A transformers
+        streamer gets the prompt, then each new token, as generate gives them to it."""
         if do_sample:
             raise ValueError("ThinkingModel generates greedily only")
         ids, mask = input_ids, attention_mask
         width = ids.shape[1]
         finished = torch.zeros(ids.shape[0], dtype=torch.bool)
         eos = self.model.config.eos_token_id
+        if streamer is not None:
+            streamer.put(ids)
         for _ in range(max_new_tokens):
             token = self.next_token_logits(ids, mask).argmax(-1)
             token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+            if streamer is not None:
+                streamer.put(token)
             ids = torch.cat([ids, token[:, None]], dim=1)
             mask = torch.cat([mask, (~finished).long()[:, None]], dim=1)
             texts = tokenizer.batch_decode(ids[:, width:], skip_special_tokens=True)
             finished |= (token == eos) | torch.tensor([any(stop in text for stop in stop_strings) for text in texts])
             if finished.all():
                 break
+        if streamer is not None:
+            streamer.end()
         return ids

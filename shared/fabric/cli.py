@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,6 +45,8 @@ class StepFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     phase: str
     config: dict[str, Any] = Field(default_factory=dict)
+    # A quality gate (shared.gate.Gate): {metric, max_drop and/or floor, scorecard}; validated with the spec.
+    gate: dict[str, Any] | None = None
 
 
 class SpecFile(BaseModel):
@@ -68,7 +71,9 @@ def checked_spec(spec: SpecFile) -> pipeline_pb2.PipelineSpec:
     """The protobuf spec, after every step's phase is found and its config validates."""
     if not spec.steps:
         raise typer.BadParameter("the spec has no steps")
-    steps = []
+    from shared.gate import Gate
+
+    steps, gates = [], {}
     for index, step in enumerate(spec.steps):
         try:
             phase = load_phase(step.phase)
@@ -77,13 +82,34 @@ def checked_spec(spec: SpecFile) -> pipeline_pb2.PipelineSpec:
             raise typer.BadParameter(f"step {index}: {error}") from error
         except ValidationError as error:
             raise typer.BadParameter(f"step {index} ({step.phase}): invalid config:\n{error}") from error
+        if step.gate is not None:
+            if index == 0 and step.gate.get("max_drop") is not None:
+                raise typer.BadParameter(f"step 0 ({step.phase}) has no input to drop against: give its gate a floor")
+            try:
+                gates[index] = Gate.model_validate(step.gate).model_dump(mode="json")
+            except ValidationError as error:
+                raise typer.BadParameter(f"step {index} ({step.phase}): invalid gate:\n{error}") from error
         steps.append((step.phase, config.model_dump(mode="json")))
-    return pipeline_spec(steps, name=spec.name)
+    return pipeline_spec(steps, name=spec.name, gates=gates)
 
 
-def load_spec(path: Path | None) -> pipeline_pb2.PipelineSpec:
-    if path is None:
+PRESETS_DIR = Path(__file__).parent / "presets"
+DEFAULT_PRESET = "tiny"
+
+
+def pipeline_presets() -> list[str]:
+    """`tiny` is the default spec (every phase on its defaults, the `tiny` model); others are YAML specs here."""
+    return [DEFAULT_PRESET, *sorted(path.stem for path in PRESETS_DIR.glob("*.yaml"))]
+
+
+def load_spec(path: Path | None, preset: str = DEFAULT_PRESET) -> pipeline_pb2.PipelineSpec:
+    if path is not None and preset != DEFAULT_PRESET:
+        raise typer.BadParameter("give --spec or --preset, not both")
+    if preset not in pipeline_presets():
+        raise typer.BadParameter(f"unknown preset {preset!r}; known: {', '.join(pipeline_presets())}")
+    if path is None and preset == DEFAULT_PRESET:
         return default_spec()
+    path = path or PRESETS_DIR / f"{preset}.yaml"
     try:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as error:
@@ -130,6 +156,14 @@ def archived_run(settings: Settings, run_id: str) -> RunStatus:
         raise fail(f"no run {run_id!r} in {RunArchive.from_settings(settings).folder} and no control service "
                    f"on {settings.grpc_addr}")
     return status
+
+
+def find_run(settings: Settings, run_id: str) -> RunStatus:
+    """A run's status from the control service if one answers, else from this machine's archive."""
+    stub = control_stub(settings)
+    if stub is None and settings.mode == "distributed":
+        raise no_control_in_distributed(settings)
+    return call(stub.GetRun, control_pb2.GetRunRequest(run_id=run_id)) if stub else archived_run(settings, run_id)
 
 
 # --- rendering -----------------------------------------------------------------------------------------
@@ -191,31 +225,54 @@ def show_run(status: RunStatus) -> None:
 
 
 class RunProgress:
-    """Rich progress bars, one per step, driven by successive statuses of one run."""
+    """Progress of one run, driven by its successive statuses: rich bars, one per step, in a terminal; plain
+    lines (a step's start and end, and each tenth of it) when the output is a log, CI or a pipe."""
 
     def __init__(self) -> None:
+        self.bars = console.is_terminal
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
                                  TimeElapsedColumn(), TextColumn("{task.fields[message]}"), console=console)
         self.tasks: dict[int, Any] = {}
+        self.printed: dict[int, str | int] = {}  # plain lines: per step, the last tenth (or state) shown
 
     def __enter__(self) -> RunProgress:
-        self.progress.start()
+        if self.bars:
+            self.progress.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.progress.stop()
+        if self.bars:
+            self.progress.stop()
 
     def update(self, status: RunStatus) -> None:
         for index, step in enumerate(status.spec.steps):
-            if index not in self.tasks:
-                self.tasks[index] = self.progress.add_task(f"{index + 1}. {step.phase}", total=1.0, message="")
             state = step_state(status, index)
-            if state in ("done", "reused"):
-                self.progress.update(self.tasks[index], completed=1.0, message=state)
-            elif state == "running":
-                self.progress.update(self.tasks[index], completed=status.current_fraction, message=status.message)
-            elif state == "failed":
-                self.progress.update(self.tasks[index], message=f"[red]failed: {status.failure.reason}[/red]")
+            if self.bars:
+                self._bar(index, f"{index + 1}. {step.phase}", state, status)
+            else:
+                self._line(index, f"{index + 1}/{len(status.spec.steps)} {step.phase}", state, status)
+
+    def _bar(self, index: int, label: str, state: str, status: RunStatus) -> None:
+        if index not in self.tasks:
+            self.tasks[index] = self.progress.add_task(label, total=1.0, message="")
+        if state in ("done", "reused"):
+            self.progress.update(self.tasks[index], completed=1.0, message=state)
+        elif state == "running":
+            self.progress.update(self.tasks[index], completed=status.current_fraction, message=status.message)
+        elif state == "failed":
+            self.progress.update(self.tasks[index], message=f"[red]failed: {status.failure.reason}[/red]")
+
+    def _line(self, index: int, label: str, state: str, status: RunStatus) -> None:
+        shown = self.printed.get(index)
+        if state == "running":
+            tenth = int(status.current_fraction * 10)
+            if shown is None or (isinstance(shown, int) and tenth > shown):
+                self.printed[index] = tenth
+                console.print(f"{label} [{status.current_fraction:4.0%}] {status.message}", highlight=False)
+        elif state in ("done", "reused", "failed") and shown != state:
+            self.printed[index] = state
+            detail = f": {status.failure.reason}" if state == "failed" else ""
+            console.print(f"{label} {state}{detail}", highlight=False)
 
 
 def watch_statuses(settings: Settings, run_id: str, until_completed: bool = False) -> Iterator[RunStatus]:
@@ -261,6 +318,9 @@ SpecOption = Annotated[Path | None, typer.Option(
     help="Pipeline spec YAML (default: every registered phase with its default config).",
 )]
 RunIdOption = Annotated[str, typer.Option(help="Run id (default: a new one).")]
+PresetOption = Annotated[str, typer.Option(
+    help="A named pipeline: `tiny` (every phase on its defaults) or `smoke` (all eight in minutes, for checks).",
+)]
 
 
 def run_here(settings: Settings, pipeline: pipeline_pb2.PipelineSpec, run_id: str = "") -> RunStatus:
@@ -291,23 +351,41 @@ def run_here(settings: Settings, pipeline: pipeline_pb2.PipelineSpec, run_id: st
     return status
 
 
-def run(spec: SpecOption = None, run_id: RunIdOption = "") -> None:
+def run(spec: SpecOption = None, preset: PresetOption = DEFAULT_PRESET, run_id: RunIdOption = "") -> None:
     """Run the whole pipeline in this process (embedded mode: local store, in-process bus)."""
     settings = Settings()
-    pipeline = load_spec(spec)
+    pipeline = load_spec(spec, preset)
     console.print(f"running {len(pipeline.steps)} phase(s) embedded; checkpoints under {settings.local_store}")
     done = run_here(settings, pipeline, run_id)
     console.print(f"[green]run {done.run_id} completed[/green]")
+    show_final_files(settings, done)
+
+
+def show_final_files(settings: Settings, status: RunStatus) -> None:
+    """Unpack the run's final models (checked against their SHA-256 and manifests) where people can use them,
+    and say where: each folder loads in stock transformers; a GGUF beside it runs in llama.cpp."""
+    from shared.fabric.local_store import LocalStore
+    from shared.fabric.transport import download_checkpoint
+
+    for ref in status.outputs:
+        folder = settings.local_store / "final" / status.run_id / ref.name
+        if not (folder / "manifest.json").is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # a half-written folder from an interrupted unpack
+            download_checkpoint(LocalStore(settings.local_store), ref, folder)
+        console.print(f"final model {ref.name}: Hugging Face folder {folder}", highlight=False, soft_wrap=True)
+        for gguf in sorted(folder.glob("*.gguf")):
+            console.print(f"  llama.cpp: {gguf}", highlight=False, soft_wrap=True)
 
 
 def start(
     spec: SpecOption = None,
+    preset: PresetOption = DEFAULT_PRESET,
     run_id: RunIdOption = "",
     watch: Annotated[bool, typer.Option("--watch", help="Follow the run's progress until it ends.")] = False,
 ) -> None:
     """Start a pipeline run: through the control service if one answers, else straight to Kafka."""
     settings = Settings()
-    pipeline = load_spec(spec)
+    pipeline = load_spec(spec, preset)
     stub = control_stub(settings)
     if stub is not None:
         response = call(stub.StartPipeline, control_pb2.StartPipelineRequest(spec=pipeline, run_id=run_id))
@@ -347,15 +425,14 @@ async def _start_on_kafka(settings: Settings, pipeline: pipeline_pb2.PipelineSpe
 def status(run_id: Annotated[str, typer.Argument(help="A run id; without it, every run.")] = "") -> None:
     """Show one run in detail, or list the runs."""
     settings = Settings()
+    if run_id:
+        show_run(find_run(settings, run_id))
+        return
     stub = control_stub(settings)
     if stub is None and settings.mode == "distributed":
         raise no_control_in_distributed(settings)
-    if run_id:
-        found = call(stub.GetRun, control_pb2.GetRunRequest(run_id=run_id)) if stub else archived_run(settings, run_id)
-        show_run(found)
-    else:
-        runs = list(call(stub.ListRuns, control_pb2.ListRunsRequest()).runs) if stub else newest_archived(settings)
-        console.print(runs_table(runs) if runs else "no runs yet")
+    runs = list(call(stub.ListRuns, control_pb2.ListRunsRequest()).runs) if stub else newest_archived(settings)
+    console.print(runs_table(runs) if runs else "no runs yet")
 
 
 def newest_archived(settings: Settings) -> list[RunStatus]:
@@ -378,12 +455,18 @@ def watch(
 def replay(
     run: Annotated[str, typer.Option("--run", help="The run to replay.")],
     from_phase: Annotated[str, typer.Option("--from", help="The phase to re-run from.")],
+    spec: Annotated[Path | None, typer.Option(
+        "--spec", exists=True, dir_okay=False,
+        help="A corrected spec (same phases, same order) whose steps from --from on replace the run's.",
+    )] = None,
 ) -> None:
     """Re-run a run from a phase, feeding it the stored outputs of the phase before."""
     settings = Settings()
+    corrected = load_spec(spec) if spec is not None else None
     stub = control_stub(settings)
     if stub is not None:
-        started = call(stub.Replay, control_pb2.ReplayRequest(run_id=run, from_phase=from_phase)).run_id
+        request = control_pb2.ReplayRequest(run_id=run, from_phase=from_phase, spec=corrected)
+        started = call(stub.Replay, request).run_id
         console.print(f"replay started as run [bold]{started}[/bold]; follow it with `agentforge watch {started}`")
         return
     if settings.mode == "distributed":
@@ -391,7 +474,7 @@ def replay(
     from shared.fabric.control import ReplayError, replay_spec
 
     try:
-        pipeline = replay_spec(archived_run(settings, run), from_phase)
+        pipeline = replay_spec(archived_run(settings, run), from_phase, corrected)
     except ReplayError as error:
         raise fail(str(error)) from error
     done = run_here(settings, pipeline)

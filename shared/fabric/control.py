@@ -48,8 +48,10 @@ class ReplayError(ValueError):
     """The run cannot be replayed from that phase (unknown phase, or no stored output before it)."""
 
 
-def replay_spec(status: control_pb2.RunStatus, from_phase: str) -> pipeline_pb2.PipelineSpec:
-    """The rest of the run's spec from `from_phase`, starting from the stored outputs of the step before.
+def replay_spec(status: control_pb2.RunStatus, from_phase: str,
+                corrected: pipeline_pb2.PipelineSpec | None = None) -> pipeline_pb2.PipelineSpec:
+    """The rest of the run's spec from `from_phase`, starting from the stored outputs of the step before;
+    the remaining steps come from `corrected` where given (a fixed gate or config, the same phases).
 
     A replay is a new run of the remaining steps. Output keys are deterministic, so a step whose input,
     code version and config are unchanged reuses its stored output instead of computing it again.
@@ -57,6 +59,11 @@ def replay_spec(status: control_pb2.RunStatus, from_phase: str) -> pipeline_pb2.
     spec = status.spec
     if not spec.steps:
         raise ReplayError(f"run {status.run_id} has no recorded spec (its start event was never seen)")
+    if corrected is not None and corrected.steps:
+        if [s.phase for s in corrected.steps] != [s.phase for s in spec.steps]:
+            raise ReplayError(f"the corrected spec's phases {[s.phase for s in corrected.steps]} are not the run's "
+                              f"{[s.phase for s in spec.steps]}")
+        spec = pipeline_pb2.PipelineSpec(name=spec.name, steps=corrected.steps, inputs=spec.inputs)
     names = [(step.phase, _safe_phase_name(step.phase)) for step in spec.steps]
     step = next((i for i, pair in enumerate(names) if from_phase in pair), None)
     if step is None:
@@ -166,7 +173,7 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
     async def Replay(self, request: control_pb2.ReplayRequest, context):
         status = await self._known_run(request.run_id, context)
         try:
-            spec = replay_spec(status, request.from_phase)
+            spec = replay_spec(status, request.from_phase, request.spec if request.HasField("spec") else None)
         except ReplayError as error:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
         run_id = await self._start(spec, uuid.uuid4().hex, context)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
 
@@ -34,6 +35,7 @@ class FailureReason(StrEnum):
     INVALID_SPEC = "invalid_spec"  # a later step names a phase that is not registered
     PHASE_ERROR = "phase_error"
     INFRASTRUCTURE = "infrastructure_unavailable"  # S3 or Kafka stayed down for the whole retry window
+    GATE_FAILED = "gate_failed"  # the output missed the step's quality gate (shared.gate); nothing was handed on
 
 
 class BadEvent(Exception):
@@ -99,11 +101,16 @@ def decode_envelope(data: bytes | None) -> Envelope:
     return envelope
 
 
-def pipeline_spec(steps: list[tuple[str, dict[str, Any]]], name: str = "", inputs=()) -> pipeline_pb2.PipelineSpec:
-    """PipelineSpec from (phase, config) pairs: pipeline_spec([("cognate", {"seed": 1}), ("bitnet", {})])."""
+def pipeline_spec(steps: list[tuple[str, dict[str, Any]]], name: str = "", inputs=(),
+                  gates: Mapping[int, dict[str, Any]] | None = None) -> pipeline_pb2.PipelineSpec:
+    """PipelineSpec from (phase, config) pairs: pipeline_spec([("cognate", {"seed": 1}), ("bitnet", {})]);
+    `gates` maps a step's index to its quality gate (shared.gate.Gate as a dict)."""
+    gates = gates or {}
     return pipeline_pb2.PipelineSpec(
         name=name,
-        steps=[pipeline_pb2.PhaseStep(phase=phase, config_json=json.dumps(config, sort_keys=True)) for phase, config in steps],
+        steps=[pipeline_pb2.PhaseStep(phase=phase, config_json=json.dumps(config, sort_keys=True),
+                                      gate_json=json.dumps(gates[index], sort_keys=True) if index in gates else "")
+               for index, (phase, config) in enumerate(steps)],
         inputs=list(inputs),
     )
 
@@ -118,3 +125,17 @@ def step_config(step: pipeline_pb2.PhaseStep) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise BadEvent(FailureReason.INVALID_CONFIG, f"step {step.phase!r}: config must be a JSON object")
     return config
+
+
+def step_gate(step: pipeline_pb2.PhaseStep):
+    """The step's quality gate (shared.gate.Gate), or None; BadEvent INVALID_SPEC for one that does not parse."""
+    if not step.gate_json:
+        return None
+    from pydantic import ValidationError
+
+    from shared.gate import Gate  # the scorecard behind it imports torch: only where a gate is used
+
+    try:
+        return Gate.model_validate_json(step.gate_json)
+    except ValidationError as error:
+        raise BadEvent(FailureReason.INVALID_SPEC, f"step {step.phase!r}: invalid gate: {error}") from error

@@ -12,7 +12,7 @@ from opentelemetry.trace import SpanKind, TracerProvider
 
 from shared.contracts.agentforge.v1 import events_pb2, pipeline_pb2
 from shared.fabric.bus import Bus, Headers
-from shared.fabric.events import Envelope, cloudevent_headers, new_envelope, step_config
+from shared.fabric.events import Envelope, cloudevent_headers, new_envelope, step_config, step_gate
 from shared.fabric.phases import phase_name
 from shared.fabric.topics import Topics, check_phase_name
 from shared.fabric.tracing import TRACER_NAME, header_values, inject_context, set_attributes
@@ -26,13 +26,14 @@ async def publish_envelope(bus: Bus, topic: str, envelope: Envelope, trace_heade
 
 def check_spec(spec: pipeline_pb2.PipelineSpec) -> list[str]:
     """The phase names of the steps; raises ValueError/LookupError on an empty spec, a phase that is not
-    registered (or a module phase where those are off) or a config that is not JSON."""
+    registered (or a module phase where those are off), a config that is not JSON, or a gate that does not parse."""
     if not spec.steps:
         raise ValueError("a pipeline needs at least one step")
     names = []
     for step in spec.steps:
         names.append(check_phase_name(phase_name(step.phase)))
         step_config(step)
+        step_gate(step)
     return names
 
 

@@ -40,7 +40,7 @@ from shared.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from shared.contracts.agentforge.v1 import events_pb2
 from shared.fabric.bus import Bus, Headers, Record, must_finish
 from shared.fabric.dlq import send_to_dead_letters
-from shared.fabric.events import BadEvent, Envelope, FailureReason, decode_envelope, new_envelope, step_config
+from shared.fabric.events import BadEvent, Envelope, FailureReason, decode_envelope, new_envelope, step_config, step_gate
 from shared.fabric.keys import completion_key, handoff_key, model_key, output_key
 from shared.fabric.phases import load_phase, phase_name
 from shared.fabric.pipeline import publish_envelope
@@ -214,8 +214,10 @@ class PhaseWorker:
 
     async def _produce(self, envelope: Envelope, ready: events_pb2.ModelReady) -> events_pb2.PhaseCompleted:
         config = self._config(ready)
-        key = output_key([ref.digest or ref.sha256 for ref in ready.inputs], self.name, self.phase.version,
-                         config.config_hash())
+        gate = step_gate(ready.spec.steps[ready.step])
+        # A stored output passed the gate it was made under: another gate names another output.
+        identity = config.config_hash() + (f"+gate:{gate.digest()}" if gate else "")
+        key = output_key([ref.digest or ref.sha256 for ref in ready.inputs], self.name, self.phase.version, identity)
         marker = await self._attempt("read the completion marker",
                                      lambda: asyncio.to_thread(self.store.get_bytes, completion_key(key)))
         if marker is not None:
@@ -229,7 +231,7 @@ class PhaseWorker:
             # Download and transform retry together: a phase may change its input models in place.
             result, parents = await self._attempt(
                 f"{self.name} run {envelope.run_id}",
-                lambda: self._load_and_transform(envelope, ready, config, Path(tempfile.mkdtemp(dir=tmp))),
+                lambda: self._load_and_transform(envelope, ready, config, gate, Path(tempfile.mkdtemp(dir=tmp))),
             )
             await must_finish()
             saved = await asyncio.to_thread(self._save_outputs, result, config, parents, Path(tmp) / "out")
@@ -261,18 +263,43 @@ class PhaseWorker:
         return adopted
 
     async def _load_and_transform(
-        self, envelope: Envelope, ready: events_pb2.ModelReady, config: PhaseConfig, directory: Path
+        self, envelope: Envelope, ready: events_pb2.ModelReady, config: PhaseConfig, gate, directory: Path
     ) -> tuple[PhaseResult, list[str]]:
         models, parents = await asyncio.to_thread(self._load_inputs, ready.inputs, directory)
         # A thread cannot be cancelled; when this coroutine is, the phase stops at its next progress report.
         cancelled = threading.Event()
         progress = self._progress_callback(envelope, ready, cancelled)
         try:
+            if gate is not None:  # the inputs are measured first: a phase may change them in place
+                before = await asyncio.to_thread(self._gate_inputs, gate, models, progress)
             result = await asyncio.to_thread(self.phase.transform, models, config, progress)
+            if gate is not None:
+                await asyncio.to_thread(self._gate_outputs, gate, before, result, progress)
         except asyncio.CancelledError:
             cancelled.set()
             raise
         return result, parents
+
+    @staticmethod
+    def _gate_inputs(gate, models: list[ForgedModel], progress) -> dict[str, float]:
+        from shared.gate import GateError, input_values
+
+        try:
+            return input_values(gate, models, lambda f, m: progress(0.0, f"gate, the inputs: {m}"))
+        except GateError as error:
+            raise BadEvent(FailureReason.INVALID_SPEC, f"gate: {error}") from error
+
+    @staticmethod
+    def _gate_outputs(gate, before: dict[str, float], result: PhaseResult, progress) -> None:
+        """The verdict goes into the report; a failed one stops the step before anything is stored."""
+        from shared.gate import GateError, verdict
+
+        try:
+            result.report["gate"] = verdict(gate, before, result.models, lambda f, m: progress(1.0, f"gate: {m}"))
+        except GateError as error:
+            raise BadEvent(FailureReason.INVALID_SPEC, f"gate: {error}") from error
+        if not result.report["gate"]["passed"]:
+            raise BadEvent(FailureReason.GATE_FAILED, result.report["gate"]["reason"])
 
     def _check_inputs(self, refs) -> None:
         """Before reusing an output: the event's inputs are stored with the SHA-256 it states (the output is

@@ -7,12 +7,10 @@ fixture and the helpers are in tests/fabric_cluster.py.
 from __future__ import annotations
 
 import asyncio
-import base64
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from shared.fabric.dlq import LetterFilter, list_dead_letters, purge_dead_letters, redrive_dead_letters
@@ -24,38 +22,12 @@ from shared.fabric.pipeline import publish_envelope
 from shared.fabric.s3_store import S3Store
 from shared.fabric.topics import Topics
 from shared.fabric.transport import download_checkpoint, pack_checkpoint, upload_checkpoint
-from shared.settings import Settings
-from tests.fabric_cluster import FINETUNE, SCALE, SEED, kind, output_objects, run_events, start_run, three_step_spec
+from tests.fabric_cluster import (
+    FINETUNE, SCALE, SEED, chains_to_one_root, jaeger_trace, kind, output_objects, run_events, start_run, three_step_spec,
+)
 from tests.fabric_phases import altered, scale_event, seed_checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-def jaeger_trace(settings: Settings, trace_id: str, services: set[str], timeout_s: float = 60) -> list[dict]:
-    """Spans of the trace from Jaeger's /api/v3, once every service in `services` has reported."""
-    url = f"{settings.jaeger_query_url.rstrip('/')}/api/v3/traces/{trace_id}"
-    deadline = time.monotonic() + timeout_s
-    spans: list[dict] = []
-    while time.monotonic() < deadline:
-        response = httpx.get(url, timeout=10)
-        if response.status_code == 200:
-            spans = []
-            for resource_spans in response.json()["result"]["resourceSpans"]:
-                attributes = {a["key"]: a["value"].get("stringValue") for a in resource_spans["resource"]["attributes"]}
-                for scope in resource_spans["scopeSpans"]:
-                    for span in scope["spans"]:
-                        spans.append({**span, "service": attributes.get("service.name")})
-            if services <= {span["service"] for span in spans}:
-                return spans
-        time.sleep(2)
-    raise AssertionError(f"trace {trace_id} lacks services {services - {s['service'] for s in spans}}")
-
-
-def hex_id(value: str) -> str:
-    """OTLP JSON ids are hex; grpc-gateway renderings give base64. Accept both."""
-    if value and all(c in "0123456789abcdefABCDEF" for c in value) and len(value) in (16, 32):
-        return value.lower()
-    return base64.b64decode(value).hex() if value else ""
-
 
 def test_pipeline_runs_across_services_with_one_trace_and_matches_embedded(fabric):
     settings, start_services, tmp = fabric
@@ -76,14 +48,7 @@ def test_pipeline_runs_across_services_with_one_trace_and_matches_embedded(fabri
     trace_id = events[-1].trace.traceparent.split("-")[1]
     phase_services = {"agentforge-fabric_seed", "agentforge-fabric_scale", "agentforge-fabric_finetune"}
     spans = jaeger_trace(settings, trace_id, phase_services | {"agentforge-test-control"})
-    by_id = {hex_id(span["spanId"]): span for span in spans}
-    roots = [span for span in spans if not hex_id(span.get("parentSpanId", ""))]
-    assert len(roots) == 1 and roots[0]["service"] == "agentforge-test-control"
-    for service in phase_services:
-        span = next(s for s in spans if s["service"] == service)
-        while hex_id(span.get("parentSpanId", "")):
-            span = by_id[hex_id(span["parentSpanId"])]
-        assert span is roots[0], f"{service}'s span does not chain to the root"
+    chains_to_one_root(spans, phase_services, "agentforge-test-control")
 
     # Parity: the same spec embedded (local store, in-process bus) gives the same digests at every step.
     with tempfile.TemporaryDirectory() as store_dir:

@@ -113,3 +113,29 @@ def test_bad_requests_get_clear_status_codes(tmp_path):
     assert codes["duplicate"][0] == grpc.StatusCode.ALREADY_EXISTS
     assert codes["replay unknown phase"][0] == grpc.StatusCode.FAILED_PRECONDITION
     assert "fabric_scale" in codes["replay unknown phase"][1]
+
+
+def test_a_gated_out_run_is_replayed_with_a_corrected_spec(tmp_path):
+    card = {"split": "validation", "tasks": [["arithmetic", 1, 4]], "max_new_tokens": 3, "max_length": 32}
+    steps = [(SEED, {"seed": 3}), (SCALE, {"factor": 0.5})]
+    gated = pipeline_spec(steps, name="gated", gates={1: {"floor": 1.01, "scorecard": card}})
+    fixed = pipeline_spec(steps, name="gated", gates={1: {"floor": 0.0, "scorecard": card}})
+
+    async def scenario(stub):
+        started = await stub.StartPipeline(control_pb2.StartPipelineRequest(spec=gated))
+        kinds = await watch_to_end(stub, started.run_id)
+        failed = await stub.GetRun(control_pb2.GetRunRequest(run_id=started.run_id))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Replay(control_pb2.ReplayRequest(run_id=started.run_id, from_phase="fabric_scale",
+                                                        spec=pipeline_spec([(SEED, {"seed": 3})])))
+        replayed = await stub.Replay(control_pb2.ReplayRequest(run_id=started.run_id, from_phase="fabric_scale", spec=fixed))
+        await watch_to_end(stub, replayed.run_id)
+        return kinds, failed, refused.value, await stub.GetRun(control_pb2.GetRunRequest(run_id=replayed.run_id))
+
+    kinds, failed, refused, replay = asyncio.run(with_control(tmp_path, scenario))
+    assert kinds[-1] == "phase_failed" and "pipeline_completed" not in kinds
+    assert failed.state == control_pb2.RUN_STATE_FAILED and failed.failure.reason == "gate_failed"
+    assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION and "not the run's" in refused.details()
+    assert replay.state == control_pb2.RUN_STATE_COMPLETED
+    assert '"passed": true' in replay.completed_steps[0].report_json
+    assert list(replay.spec.inputs) == list(failed.completed_steps[0].outputs)  # the seed is not rerun

@@ -28,15 +28,15 @@ from shared.contracts.agentforge.v1 import pipeline_pb2 as agentforge_dot_v1_dot
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61gentforge/v1/control.proto\x12\ragentforge.v1\x1a\x1e\x61gentforge/v1/checkpoint.proto\x1a\x1a\x61gentforge/v1/events.proto\x1a\x1c\x61gentforge/v1/pipeline.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"Q\n\x14StartPipelineRequest\x12)\n\x04spec\x18\x01 \x01(\x0b\x32\x1b.agentforge.v1.PipelineSpec\x12\x0e\n\x06run_id\x18\x02 \x01(\t\"\'\n\x15StartPipelineResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\":\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x17\n\x0funtil_completed\x18\x02 \x01(\x08\"8\n\x0fListRunsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"S\n\x10ListRunsResponse\x12&\n\x04runs\x18\x01 \x03(\x0b\x32\x18.agentforge.v1.RunStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"3\n\rReplayRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nfrom_phase\x18\x02 \x01(\t\"\xa3\x03\n\tRunStatus\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.agentforge.v1.RunState\x12)\n\x04spec\x18\x03 \x01(\x0b\x32\x1b.agentforge.v1.PipelineSpec\x12\x14\n\x0c\x63urrent_step\x18\x04 \x01(\r\x12\x18\n\x10\x63urrent_fraction\x18\x05 \x01(\x01\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x36\n\x0f\x63ompleted_steps\x18\x07 \x03(\x0b\x32\x1d.agentforge.v1.PhaseCompleted\x12+\n\x07\x66\x61ilure\x18\x08 \x01(\x0b\x32\x1a.agentforge.v1.PhaseFailed\x12-\n\x07outputs\x18\t \x03(\x0b\x32\x1c.agentforge.v1.CheckpointRef\x12.\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp*k\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_RUNNING\x10\x01\x12\x17\n\x13RUN_STATE_COMPLETED\x10\x02\x12\x14\n\x10RUN_STATE_FAILED\x10\x03\x32\x90\x03\n\x0e\x43ontrolService\x12Z\n\rStartPipeline\x12#.agentforge.v1.StartPipelineRequest\x1a$.agentforge.v1.StartPipelineResponse\x12@\n\x06GetRun\x12\x1c.agentforge.v1.GetRunRequest\x1a\x18.agentforge.v1.RunStatus\x12\x45\n\x08WatchRun\x12\x1e.agentforge.v1.WatchRunRequest\x1a\x17.agentforge.v1.Envelope0\x01\x12K\n\x08ListRuns\x12\x1e.agentforge.v1.ListRunsRequest\x1a\x1f.agentforge.v1.ListRunsResponse\x12L\n\x06Replay\x12\x1c.agentforge.v1.ReplayRequest\x1a$.agentforge.v1.StartPipelineResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61gentforge/v1/control.proto\x12\ragentforge.v1\x1a\x1e\x61gentforge/v1/checkpoint.proto\x1a\x1a\x61gentforge/v1/events.proto\x1a\x1c\x61gentforge/v1/pipeline.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"Q\n\x14StartPipelineRequest\x12)\n\x04spec\x18\x01 \x01(\x0b\x32\x1b.agentforge.v1.PipelineSpec\x12\x0e\n\x06run_id\x18\x02 \x01(\t\"\'\n\x15StartPipelineResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\":\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x17\n\x0funtil_completed\x18\x02 \x01(\x08\"8\n\x0fListRunsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"S\n\x10ListRunsResponse\x12&\n\x04runs\x18\x01 \x03(\x0b\x32\x18.agentforge.v1.RunStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"^\n\rReplayRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nfrom_phase\x18\x02 \x01(\t\x12)\n\x04spec\x18\x03 \x01(\x0b\x32\x1b.agentforge.v1.PipelineSpec\"\xa3\x03\n\tRunStatus\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.agentforge.v1.RunState\x12)\n\x04spec\x18\x03 \x01(\x0b\x32\x1b.agentforge.v1.PipelineSpec\x12\x14\n\x0c\x63urrent_step\x18\x04 \x01(\r\x12\x18\n\x10\x63urrent_fraction\x18\x05 \x01(\x01\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x36\n\x0f\x63ompleted_steps\x18\x07 \x03(\x0b\x32\x1d.agentforge.v1.PhaseCompleted\x12+\n\x07\x66\x61ilure\x18\x08 \x01(\x0b\x32\x1a.agentforge.v1.PhaseFailed\x12-\n\x07outputs\x18\t \x03(\x0b\x32\x1c.agentforge.v1.CheckpointRef\x12.\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp*k\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_RUNNING\x10\x01\x12\x17\n\x13RUN_STATE_COMPLETED\x10\x02\x12\x14\n\x10RUN_STATE_FAILED\x10\x03\x32\x90\x03\n\x0e\x43ontrolService\x12Z\n\rStartPipeline\x12#.agentforge.v1.StartPipelineRequest\x1a$.agentforge.v1.StartPipelineResponse\x12@\n\x06GetRun\x12\x1c.agentforge.v1.GetRunRequest\x1a\x18.agentforge.v1.RunStatus\x12\x45\n\x08WatchRun\x12\x1e.agentforge.v1.WatchRunRequest\x1a\x17.agentforge.v1.Envelope0\x01\x12K\n\x08ListRuns\x12\x1e.agentforge.v1.ListRunsRequest\x1a\x1f.agentforge.v1.ListRunsResponse\x12L\n\x06Replay\x12\x1c.agentforge.v1.ReplayRequest\x1a$.agentforge.v1.StartPipelineResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentforge.v1.control_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RUNSTATE']._serialized_start=1004
-  _globals['_RUNSTATE']._serialized_end=1111
+  _globals['_RUNSTATE']._serialized_start=1047
+  _globals['_RUNSTATE']._serialized_end=1154
   _globals['_STARTPIPELINEREQUEST']._serialized_start=169
   _globals['_STARTPIPELINEREQUEST']._serialized_end=250
   _globals['_STARTPIPELINERESPONSE']._serialized_start=252
@@ -50,9 +50,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTRUNSRESPONSE']._serialized_start=444
   _globals['_LISTRUNSRESPONSE']._serialized_end=527
   _globals['_REPLAYREQUEST']._serialized_start=529
-  _globals['_REPLAYREQUEST']._serialized_end=580
-  _globals['_RUNSTATUS']._serialized_start=583
-  _globals['_RUNSTATUS']._serialized_end=1002
-  _globals['_CONTROLSERVICE']._serialized_start=1114
-  _globals['_CONTROLSERVICE']._serialized_end=1514
+  _globals['_REPLAYREQUEST']._serialized_end=623
+  _globals['_RUNSTATUS']._serialized_start=626
+  _globals['_RUNSTATUS']._serialized_end=1045
+  _globals['_CONTROLSERVICE']._serialized_start=1157
+  _globals['_CONTROLSERVICE']._serialized_end=1557
 # @@protoc_insertion_point(module_scope)

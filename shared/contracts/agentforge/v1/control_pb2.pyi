@@ -69,12 +69,14 @@ class ListRunsResponse(_message.Message):
     def __init__(self, runs: _Optional[_Iterable[_Union[RunStatus, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class ReplayRequest(_message.Message):
-    __slots__ = ("run_id", "from_phase")
+    __slots__ = ("run_id", "from_phase", "spec")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     FROM_PHASE_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     from_phase: str
-    def __init__(self, run_id: _Optional[str] = ..., from_phase: _Optional[str] = ...) -> None: ...
+    spec: _pipeline_pb2.PipelineSpec
+    def __init__(self, run_id: _Optional[str] = ..., from_phase: _Optional[str] = ..., spec: _Optional[_Union[_pipeline_pb2.PipelineSpec, _Mapping]] = ...) -> None: ...
 
 class RunStatus(_message.Message):
     __slots__ = ("run_id", "state", "spec", "current_step", "current_fraction", "message", "completed_steps", "failure", "outputs", "started_at", "updated_at")

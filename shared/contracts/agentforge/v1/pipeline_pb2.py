@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from shared.contracts.agentforge.v1 import checkpoint_pb2 as agentforge_dot_v1_dot_checkpoint__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61gentforge/v1/pipeline.proto\x12\ragentforge.v1\x1a\x1e\x61gentforge/v1/checkpoint.proto\"/\n\tPhaseStep\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\"s\n\x0cPipelineSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x05steps\x18\x02 \x03(\x0b\x32\x18.agentforge.v1.PhaseStep\x12,\n\x06inputs\x18\x03 \x03(\x0b\x32\x1c.agentforge.v1.CheckpointRefb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61gentforge/v1/pipeline.proto\x12\ragentforge.v1\x1a\x1e\x61gentforge/v1/checkpoint.proto\"B\n\tPhaseStep\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x11\n\tgate_json\x18\x03 \x01(\t\"s\n\x0cPipelineSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x05steps\x18\x02 \x03(\x0b\x32\x18.agentforge.v1.PhaseStep\x12,\n\x06inputs\x18\x03 \x03(\x0b\x32\x1c.agentforge.v1.CheckpointRefb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,7 +33,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentforge.v1.pipeline_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PHASESTEP']._serialized_start=79
-  _globals['_PHASESTEP']._serialized_end=126
-  _globals['_PIPELINESPEC']._serialized_start=128
-  _globals['_PIPELINESPEC']._serialized_end=243
+  _globals['_PHASESTEP']._serialized_end=145
+  _globals['_PIPELINESPEC']._serialized_start=147
+  _globals['_PIPELINESPEC']._serialized_end=262
 # @@protoc_insertion_point(module_scope)

@@ -8,12 +8,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PhaseStep(_message.Message):
-    __slots__ = ("phase", "config_json")
+    __slots__ = ("phase", "config_json", "gate_json")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    GATE_JSON_FIELD_NUMBER: _ClassVar[int]
     phase: str
     config_json: str
-    def __init__(self, phase: _Optional[str] = ..., config_json: _Optional[str] = ...) -> None: ...
+    gate_json: str
+    def __init__(self, phase: _Optional[str] = ..., config_json: _Optional[str] = ..., gate_json: _Optional[str] = ...) -> None: ...
 
 class PipelineSpec(_message.Message):
     __slots__ = ("name", "steps", "inputs")
