@@ -23,6 +23,7 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from services.evomerge.merge_methods import get_method
+from services.evomerge.mergekit_yaml import champion_as_mergekit
 from services.evomerge.recipe import ParameterSpaceRecipe, apply_recipe
 from services.evomerge.search import (
     Evaluator,
@@ -159,7 +160,7 @@ def _check_parents(models: list[ForgedModel], base_name: str,
 
 class EvoMergePhase(Phase):
     name = "evomerge"
-    version = "4"  # 4: the shared scorecard (problem-level splits, tool runtime), the multitask baseline
+    version = "5"  # 4: the shared scorecard (problem-level splits, tool runtime), the multitask baseline; 5: the champion as mergekit YAML
     Config = EvoMergeConfig
 
     def figures(self, report: dict) -> list:
@@ -237,6 +238,8 @@ class EvoMergePhase(Phase):
                 "validation_fitness": champion.fitness,
                 "validation": champion.metrics,
                 "layers": merged.model.config.num_hidden_layers,
+                "mergekit": dict(zip(("config", "note"), champion_as_mergekit(
+                    champion.recipe, parents[0].model.config.num_hidden_layers))),
             },
             "lineage": {
                 "parents": [m.name for m in parents],

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from bench.merge_reference import MergekitUnavailable, ensure_mergekit, run_mergekit
 from services.evomerge.merge_methods import get_method, merge_state_dicts
 from services.evomerge.merge_methods.passthrough import LayerSlice, frankenmerge
+from services.evomerge.mergekit_yaml import champion_as_mergekit, run_merge
+from services.evomerge.recipe import ParameterSpaceRecipe, apply_recipe, weights_of
+from shared.phase import ForgedModel
 from tests.unit.test_merge_methods import tiny_family
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -54,7 +58,89 @@ CASES = {
                         "della_linear", {"weight": W, "density": [0.5, 0.4], "rescale": "l1"}),
     "model_stock": ({"merge_method": "model_stock", "base_model": "base", "models": [("ft0", {}), ("ft1", {})]},
                     "model_stock", {}),
+    "breadcrumbs": ({"merge_method": "breadcrumbs", "base_model": "base",
+                     "models": [("ft0", {"weight": W[0], "density": 0.6, "gamma": 0.05}),
+                                ("ft1", {"weight": W[1], "density": 0.5, "gamma": 0.02})]},
+                    "breadcrumbs", {"weight": W, "density": [0.6, 0.5], "gamma": [0.05, 0.02]}),
+    "breadcrumbs_ties": ({"merge_method": "breadcrumbs_ties", "base_model": "base",
+                          "models": [("ft0", {"weight": W[0], "density": 0.6, "gamma": 0.05}),
+                                     ("ft1", {"weight": W[1], "density": 0.5})]},
+                         "breadcrumbs_ties", {"weight": W, "density": [0.6, 0.5], "gamma": [0.05, 0.01]}),
+    "sce": ({"merge_method": "sce", "base_model": "base", "parameters": {"select_topk": 0.5},
+             "models": [("ft0", {}), ("ft1", {})]},
+            "sce", {"select_topk": 0.5}),
+    "nuslerp": ({"merge_method": "nuslerp", "models": [("ft0", {"weight": W[0]}), ("ft1", {"weight": W[1]})]},
+                "nuslerp", {"weight": W}),
+    "nuslerp_rows_task_vectors": ({"merge_method": "nuslerp", "base_model": "base",
+                                   "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+                                   "models": [("ft0", {"weight": W[0]}), ("ft1", {"weight": W[1]})]},
+                                  "nuslerp", {"weight": W, "nuslerp_flatten": False, "nuslerp_row_wise": True}),
+    "multislerp": ({"merge_method": "multislerp", "models": [("ft0", {"weight": W[0]}), ("ft1", {"weight": W[1]})]},
+                   "multislerp", {"weight": W}),
+    "multislerp_task_vectors": ({"merge_method": "multislerp", "base_model": "base",
+                                 "models": [("ft0", {"weight": W[0]}), ("ft1", {"weight": W[1]})]},
+                                "multislerp", {"weight": W}),
+    "karcher": ({"merge_method": "karcher", "models": [("ft0", {}), ("ft1", {})]}, "karcher", {}),
 }
+
+
+# mergekit YAML fed unchanged to both tools (deterministic methods; model names are replaced by folders):
+# gradients over layers, per-tensor filters, top-level defaults, the base listed among the models.
+YAML_CASES = {
+    "slerp_filtered_gradients": {
+        "merge_method": "slerp", "base_model": "ft0", "models": [{"model": "ft0"}, {"model": "ft1"}],
+        "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                             {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]}},
+    "ties_per_model_gradients": {
+        "merge_method": "ties", "base_model": "base",
+        "models": [{"model": "ft0", "parameters": {"weight": [0.2, 0.8], "density": 0.5}},
+                   {"model": "ft1", "parameters": {"weight": 0.4, "density": [0.3, 0.7]}}]},
+    "task_arithmetic_top_level_base_listed": {
+        "merge_method": "task_arithmetic", "base_model": "base", "parameters": {"weight": 0.5, "lambda": 0.9},
+        "models": [{"model": "base"}, {"model": "ft0"}, {"model": "ft1", "parameters": {"weight": 0.7}}]},
+    "linear_gradient": {
+        "merge_method": "linear",
+        "models": [{"model": "ft0", "parameters": {"weight": [1.0, 0.2]}}, {"model": "ft1", "parameters": {"weight": [0.1, 1.0]}}]},
+    "breadcrumbs_ties_filter": {
+        "merge_method": "breadcrumbs_ties", "base_model": "base",
+        "parameters": {"density": [{"filter": "mlp", "value": 0.4}, {"value": 0.8}], "gamma": 0.02},
+        "models": [{"model": "ft0", "parameters": {"weight": 0.6}}, {"model": "ft1", "parameters": {"weight": 0.4}}]},
+    "sce": {"merge_method": "sce", "base_model": "base", "parameters": {"select_topk": 0.3},
+            "models": [{"model": "ft0"}, {"model": "ft1"}]},
+    "nuslerp": {"merge_method": "nuslerp", "models": [{"model": "ft0", "parameters": {"weight": 0.3}},
+                                                      {"model": "ft1", "parameters": {"weight": 0.7}}]},
+    "multislerp_base": {"merge_method": "multislerp", "base_model": "base",
+                        "models": [{"model": "ft0", "parameters": {"weight": 1.0}}, {"model": "ft1", "parameters": {"weight": 2.0}}]},
+    "karcher": {"merge_method": "karcher", "models": [{"model": "ft0"}, {"model": "ft1"}]},
+    "model_stock": {"merge_method": "model_stock", "base_model": "base", "models": [{"model": "ft0"}, {"model": "ft1"}]},
+}
+
+
+# Champions (parameter-space recipes, a layer group each with its own values) exported as mergekit YAML.
+CHAMPIONS = {
+    "ties": ParameterSpaceRecipe(method="ties", models=("ft0", "ft1"), base="base",
+                                 groups=({"weight": [0.7, 0.3], "density": [0.5, 0.6]},
+                                         {"weight": [0.2, 0.9], "density": [0.8, 0.4]})),
+    "slerp": ParameterSpaceRecipe(method="slerp", models=("ft0", "ft1"), groups=({"t": 0.2}, {"t": 0.9})),
+    "task_arithmetic": ParameterSpaceRecipe(method="task_arithmetic", models=("ft0", "ft1"), base="base",
+                                            shared={"lambda": 0.8}, groups=({"weight": [1.0, 0.0]}, {"weight": [0.4, 0.6]})),
+}
+
+
+def exported(name: str) -> dict:
+    config, note = champion_as_mergekit(CHAMPIONS[name], n_layers=2)
+    assert config is not None, note
+    return config
+
+
+def with_folders(config: dict, paths: dict) -> dict:
+    """The YAML case with model names replaced by their folders, in float32 as every parity merge is."""
+    folder = lambda name: str(paths[name])  # noqa: E731
+    resolved = {**config, "dtype": "float32",
+                "models": [{**m, "model": folder(m["model"])} for m in config["models"]]}
+    if "base_model" in config:
+        resolved["base_model"] = folder(config["base_model"])
+    return resolved
 
 
 def mergekit_config(case: dict, paths: dict) -> dict:
@@ -84,9 +170,13 @@ def family(tmp_path_factory):
     jobs = [{"config": mergekit_config(case, paths), "out": root / f"out-{name}", "seed": SEED}
             for name, (case, _, _) in CASES.items()]
     jobs.append({"config": frankenmerge_config(paths), "out": root / "out-frankenmerge", "seed": SEED})
+    jobs += [{"config": with_folders(case, paths), "out": root / f"yaml-{name}", "seed": SEED}
+             for name, case in YAML_CASES.items()]
+    jobs += [{"config": with_folders(exported(name), paths), "out": root / f"champion-{name}", "seed": SEED}
+             for name in CHAMPIONS]
     run_mergekit(jobs)
     states = {name: load_file(path / "model.safetensors") for name, path in paths.items()}
-    return root, states
+    return root, states, paths
 
 
 def frankenmerge_config(paths: dict) -> dict:
@@ -108,16 +198,18 @@ def assert_same(ours: dict, theirs: dict) -> None:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_operator_equals_mergekit(family, case):
-    root, states = family
+    root, states, _ = family
     _, method_name, params = CASES[case]
     method = get_method(method_name)
     reference = load_file(root / f"out-{case}" / "model.safetensors")
     ordered = lambda state: {n: state[n] for n in sorted(state)}  # noqa: E731  mergekit's merge order
     shared_generator = torch.Generator().manual_seed(SEED)
+    # The base mergekit is given, where our method uses one (slerp's base_model only names its first model).
+    base = CASES[case][0].get("base_model")
     ours = merge_state_dicts(
         method,
         [ordered(states["ft0"]), ordered(states["ft1"])],
-        states["base"] if method.needs_base else None,
+        states[base] if base == "base" else None,
         lambda name: params,
         generator_for=lambda name: shared_generator,
     )
@@ -125,7 +217,25 @@ def test_operator_equals_mergekit(family, case):
 
 
 def test_frankenmerge_equals_mergekit_passthrough(family):
-    root, states = family
+    root, states, _ = family
     reference = load_file(root / "out-frankenmerge" / "model.safetensors")
     ours = frankenmerge([states["ft0"], states["ft1"]], [LayerSlice(0, 0, 2), LayerSlice(1, 1, 2)])
     assert_same(ours, reference)
+
+
+@pytest.mark.parametrize("case", list(YAML_CASES))
+def test_the_same_mergekit_yaml_gives_mergekits_weights(family, case, tmp_path):
+    root, _, paths = family
+    config = tmp_path / "merge.yml"
+    config.write_text(yaml.safe_dump(with_folders(YAML_CASES[case], paths)))
+    run_merge(config, tmp_path / "out")
+    assert_same(load_file(tmp_path / "out" / "model.safetensors"), load_file(root / f"yaml-{case}" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("name", list(CHAMPIONS))
+def test_an_exported_champion_run_by_mergekit_reproduces_its_weights(family, name):
+    root, states, _ = family
+    base, finetunes = tiny_family()
+    parents = [ForgedModel(model, None, parent) for model, parent in zip([base, *finetunes], ["base", "ft0", "ft1"])]
+    ours = weights_of(apply_recipe(CHAMPIONS[name], parents).model)
+    assert_same(ours, load_file(root / f"champion-{name}" / "model.safetensors"))

@@ -120,6 +120,9 @@ def test_transform_reports_a_reapplicable_champion(inputs, tmp_path):
     assert [e["seed"] for e in report["seed_round"]] == [
         "linear", "ties", "specialist-a alone", "specialist-b alone", "specialist-c alone"]
     assert report["lineage"]["parents"] == ["base", "specialist-a", "specialist-b", "specialist-c"]
+    # The champion in mergekit's YAML beside our recipe, or the reason mergekit cannot express it.
+    exported = report["champion"]["mergekit"]
+    assert exported["note"] and (exported["config"] is None or exported["config"]["merge_method"] == report["champion"]["recipe"]["method"])
     assert_one_scorecard(report)
     section = report["scorecard"]
     assert section["inputs"] == ["base", "specialist-a", "specialist-b", "specialist-c", "multitask"]

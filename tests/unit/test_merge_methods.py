@@ -9,7 +9,11 @@ from services.evomerge.merge_methods import METHODS, MergeConfigError, UnknownMe
 from services.evomerge.merge_methods.dfs import DataFlowPath, candidate_layers, dfs_merge, path_from_indicators
 from services.evomerge.merge_methods.passthrough import LayerSlice, frankenmerge, num_layers
 from services.evomerge.merge_methods.slerp import slerp
-from services.evomerge.merge_methods.sparsify import della_magprune, random_drop
+from services.evomerge.merge_methods.karcher import karcher_mean
+from services.evomerge.merge_methods.multislerp import multislerp
+from services.evomerge.merge_methods.nuslerp import nuslerp
+from services.evomerge.merge_methods.sce import task_vector_weights, variance_selection
+from services.evomerge.merge_methods.sparsify import della_magprune, magnitude_outliers, random_drop
 from services.evomerge.merge_methods.task_arithmetic import elect_sign_mask
 
 pytestmark = pytest.mark.unit
@@ -65,6 +69,12 @@ def run_and_check(method: str, params: dict, n_finetunes: int = 2, seed: int = 0
         ("della", {"weight": 1.0, "density": 0.5}),
         ("della_linear", {"weight": 0.5, "density": 0.5, "epsilon": 0.1}),
         ("model_stock", {}),
+        ("breadcrumbs", {"weight": 0.5, "density": 0.6}),
+        ("breadcrumbs_ties", {"weight": 0.5, "density": 0.6, "gamma": 0.05}),
+        ("sce", {"select_topk": 0.5}),
+        ("nuslerp", {"weight": [0.6, 0.4]}),
+        ("multislerp", {"weight": [0.6, 0.4]}),
+        ("karcher", {}),
     ],
 )
 def test_every_method_merges_a_tiny_family(method, params):
@@ -224,3 +234,44 @@ def test_dfs_folded_crossing_scale_equals_scaling_the_hidden_state():
     with torch.no_grad():
         assert not torch.allclose(unscaled(tokens).logits, expected, atol=1e-3)  # the scales do matter
     assert torch.allclose(got, expected, atol=1e-4)
+
+
+def test_breadcrumbs_drops_the_largest_outliers_and_the_smallest_entries():
+    delta = torch.arange(1.0, 101.0)  # |delta| ranks are the values themselves
+    kept = magnitude_outliers(delta, density=0.5, gamma=0.1)
+    assert torch.equal(kept.nonzero().flatten(), torch.arange(40, 90))  # 41..90: the top 10 and bottom 40 dropped
+    assert torch.equal(magnitude_outliers(delta, density=1.0, gamma=0.1), delta)
+    # density + gamma above 1: fewer outliers go, the density is kept.
+    assert int((magnitude_outliers(delta, density=0.95, gamma=0.1) != 0).sum()) == 95
+
+
+def test_sce_selects_by_variance_and_weighs_task_vectors_by_their_energy():
+    deltas = torch.tensor([[1.0, 0.0, 2.0, 5.0], [1.0, 0.0, -2.0, 1.0]])
+    assert torch.equal(variance_selection(deltas, 0.5), torch.tensor([0.0, 0.0, 1.0, 0.0]))  # 2 of 4 vary; top 1
+    weights = task_vector_weights(deltas)
+    assert torch.allclose(weights, torch.tensor([30.0, 6.0]) / 36)
+    base = torch.zeros(4)
+    merged = get_method("sce").merge(list(deltas), base, torch.Generator(), select_topk=1.0)
+    # Entry 2 sums to 0, which elects + (ties go to +): only the first vector agrees; entry 3 agrees in both.
+    assert torch.allclose(merged, torch.tensor([1.0, 0.0, 2.0, (5 * 30 + 1 * 6) / 36]))
+
+
+def test_nuslerp_interpolates_by_the_weights_whole_or_row_by_row():
+    a, b = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([[0.0, 1.0], [2.0, 0.0]])
+    assert torch.allclose(nuslerp(0.5, a, b, row_wise=False, flatten=True), slerp(0.5, a, b), atol=1e-6)
+    rows = nuslerp(0.5, a, b, row_wise=False, flatten=False)  # each row a quarter turn: the midpoints
+    assert torch.allclose(rows, torch.tensor([[1.0, 1.0], [2.0, 2.0]]) / 2**0.5, atol=1e-6)
+    weighted = get_method("nuslerp").merge([a, b], None, torch.Generator(), weight=[3.0, 1.0], nuslerp_row_wise=False,
+                                           nuslerp_flatten=True)
+    assert torch.allclose(weighted, slerp(0.25, a, b), atol=1e-6)  # t = w1 / (w0 + w1)
+
+
+def test_multislerp_and_karcher_of_two_equal_norm_tensors_are_the_slerp_midpoint():
+    torch.manual_seed(0)
+    a, b = torch.randn(6, 5), torch.randn(6, 5)
+    b = b * (a.norm() / b.norm())
+    midpoint = slerp(0.5, a, b)
+    assert torch.allclose(multislerp([a, b], [1.0, 1.0], normalize=True, eps=1e-8), midpoint, atol=1e-5)
+    assert torch.allclose(karcher_mean([a, b], max_iter=50, tol=1e-7), midpoint, atol=1e-5)
+    with pytest.raises(MergeConfigError, match="no base"):
+        get_method("karcher").merge([a, b], a, torch.Generator(), max_iter=10, tol=1e-5)

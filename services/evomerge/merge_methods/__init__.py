@@ -1,15 +1,20 @@
 """Merge methods by name: one registry, one lookup that says what exists when a name is wrong.
 
-Task arithmetic, TIES, DARE and DELLA are configured instances of one generalized task-arithmetic method
-(as in mergekit), not subclasses. Structural merges (frankenmerge, data-flow paths) live in passthrough.py
+Task arithmetic, TIES, DARE, DELLA and Model Breadcrumbs are configured instances of one generalized
+task-arithmetic method (as in mergekit), not subclasses. SCE, NuSLERP, Multi-SLERP and the Karcher mean
+are modules of their own. Structural merges (frankenmerge, data-flow paths) live in passthrough.py
 and dfs.py; they stack layers rather than combine tensors.
 """
 from __future__ import annotations
 
 from services.evomerge.merge_methods.base import MergeConfigError, MergeMethod, merge_state_dicts
+from services.evomerge.merge_methods.karcher import KarcherMerge
 from services.evomerge.merge_methods.linear import LinearMerge
 from services.evomerge.merge_methods.model_stock import ModelStock
+from services.evomerge.merge_methods.multislerp import MultiSlerpMerge
+from services.evomerge.merge_methods.nuslerp import NuSlerpMerge
 from services.evomerge.merge_methods.passthrough import PassthroughMerge
+from services.evomerge.merge_methods.sce import SCEMerge
 from services.evomerge.merge_methods.slerp import SlerpMerge
 from services.evomerge.merge_methods.task_arithmetic import GeneralizedTaskArithmetic
 
@@ -31,6 +36,12 @@ def _methods() -> dict[str, MergeMethod]:
         gta("dare_ties", sparsification="random", sign_consensus=True, normalize=False),
         gta("della", sparsification="della", sign_consensus=True, normalize=True),
         gta("della_linear", sparsification="della", sign_consensus=False, normalize=False),
+        gta("breadcrumbs", sparsification="outliers", sign_consensus=False, normalize=False),
+        gta("breadcrumbs_ties", sparsification="outliers", sign_consensus=True, normalize=False),
+        SCEMerge(),
+        NuSlerpMerge(),
+        MultiSlerpMerge(),
+        KarcherMerge(),
     ]
     return {method.name: method for method in methods}
 

@@ -5,6 +5,9 @@
   and rescale the survivors by 1/p = 1/(1 - drop rate), as the paper does.
 - della (DELLA MagPrune, arXiv:2406.11617): the keep probability of an entry grows with its magnitude rank
   inside its row, from density - epsilon to density + epsilon; survivors are rescaled by 1/p_entry.
+- outliers (Model Breadcrumbs, arXiv:2312.06795): drop the `gamma` fraction of largest |delta| (the outliers)
+  and as many of the smallest as it takes to keep a `density` fraction; no rescale. When density + gamma
+  exceeds 1, fewer outliers are dropped so that density is kept (as mergekit does).
 
 Rescale "paper" is the papers' unbiased 1/p. Rescale "l1" is mergekit's variant: scale the masked delta
 so its L1 norm equals the original delta's. "none" keeps the survivors as they are.
@@ -40,6 +43,18 @@ def magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
     order = torch.argsort(delta.abs().reshape(-1).float(), descending=True)
     mask = torch.zeros(delta.numel(), dtype=delta.dtype)
     mask[order[:keep]] = 1
+    return delta * mask.reshape(delta.shape)
+
+
+def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    if density >= 1:
+        return delta
+    total = delta.numel()
+    keep, outliers = int(density * total), int(gamma * total)
+    smallest = max(0, total - keep - outliers)  # dropped from the bottom; the top `outliers` go as well
+    order = torch.argsort(delta.abs().reshape(-1).float())  # ascending
+    mask = torch.zeros(total, dtype=delta.dtype)
+    mask[order[smallest : smallest + keep]] = 1
     return delta * mask.reshape(delta.shape)
 
 

@@ -1,7 +1,8 @@
-"""Generalized task arithmetic: task arithmetic, TIES, DARE and DELLA as configured instances of one method.
+"""Generalized task arithmetic: task arithmetic, TIES, DARE, DELLA and Model Breadcrumbs as configured
+instances of one method.
 
 On task vectors delta_i = theta_i - base (never on raw weights):
-  1. sparsify each delta (none, magnitude, random drop, della magprune)  -- see sparsify.py
+  1. sparsify each delta (none, magnitude, random drop, della magprune, magnitude outliers)  -- sparsify.py
   2. weight it: w_i * delta_i
   3. optionally elect a sign per entry (TIES "sum": sign of sum_i w_i delta_i) and keep only the entries
      that agree with it
@@ -16,9 +17,9 @@ from typing import Literal
 import torch
 
 from services.evomerge.merge_methods.base import MergeMethod, ParameterSpec
-from services.evomerge.merge_methods.sparsify import della_magprune, magnitude, random_drop
+from services.evomerge.merge_methods.sparsify import della_magprune, magnitude, magnitude_outliers, random_drop
 
-Sparsification = Literal["magnitude", "random", "della"]
+Sparsification = Literal["magnitude", "random", "della", "outliers"]
 
 
 def elect_sign_mask(weighted_deltas: torch.Tensor) -> torch.Tensor:
@@ -52,6 +53,8 @@ class GeneralizedTaskArithmetic(MergeMethod):
             params.append(ParameterSpec("rescale", default="paper"))
         if sparsification == "della":
             params.append(ParameterSpec("epsilon", default=0.15, per_model=True))
+        if sparsification == "outliers":
+            params.append(ParameterSpec("gamma", default=0.01, per_model=True))  # the paper's and mergekit's
         self.parameters = tuple(params)
 
     def _sparsify(self, delta, index, generator, params):
@@ -63,6 +66,8 @@ class GeneralizedTaskArithmetic(MergeMethod):
             return della_magprune(
                 delta, params["density"][index], params["epsilon"][index], params["rescale"], generator
             )
+        if self.sparsification == "outliers":
+            return magnitude_outliers(delta, params["density"][index], params["gamma"][index])
         return delta
 
     def merge(self, tensors, base, generator, **params):
