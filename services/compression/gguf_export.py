@@ -137,8 +137,13 @@ def _add_tokenizer(writer, tokenizer) -> None:
     pre-tokenizer splits digits one by one, which no llama.cpp pre-tokenizer does: llama.cpp's own
     tokenization of text can differ, so comparisons feed it our token ids."""
     state = json.loads(tokenizer.backend_tokenizer.to_str())
-    vocab = state["model"]["vocab"]
-    tokens = [token for token, _ in sorted(vocab.items(), key=lambda item: item[1])]
+    by_id = {token_id: token for token, token_id in state["model"]["vocab"].items()}
+    # Tokens added after training (Quiet-STaR's thought tokens) are not in the BPE's vocabulary but have
+    # embedding rows: llama.cpp needs one token per row, in id order.
+    by_id.update({added["id"]: added["content"] for added in state.get("added_tokens", [])})
+    if sorted(by_id) != list(range(len(by_id))):
+        raise ValueError(f"token ids are not 0..{len(by_id) - 1}: GGUF lists tokens by position")
+    tokens = [by_id[token_id] for token_id in range(len(by_id))]
     special = {added["content"] for added in state.get("added_tokens", [])}
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")

@@ -111,7 +111,7 @@ def relative_error(approximation: torch.Tensor, weight: torch.Tensor) -> float:
 
 class CompressionPhase(Phase):
     name = "compression"
-    version = "1"
+    version = "2"  # 2: the GGUF lists tokens added after training (Quiet-STaR's), one per embedding row
     Config = CompressionConfig
 
     def transform(self, models: list[ForgedModel], config: CompressionConfig,
