@@ -17,7 +17,6 @@ naming it: never silently ignored.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +25,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from services.evomerge.merge_methods import MergeConfigError, UnknownMergeMethodError, get_method, merge_state_dicts
+from services.evomerge.merge_methods.passthrough import layer_index
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 NO_BASE = ("linear", "karcher")  # mergekit methods that take their models as they are
-LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 SHARED_FLAGS = ("int8_mask",)  # accepted, no effect on the numbers
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
@@ -90,10 +89,10 @@ def setting(value: Any, tensor: str, t: float) -> Any:
 
 
 def layer_position(tensor: str, layers: int) -> float:
-    match = LAYER.search(tensor)
-    if match is None:
+    index = layer_index(tensor)
+    if index is None:
         return 0.0
-    return int(match.group(1)) / (layers - 1) if layers > 1 else 1.0
+    return index / (layers - 1) if layers > 1 else 1.0
 
 
 class MergekitRecipe:

@@ -72,6 +72,12 @@ class MergeMethod(ABC):
         """Merge one tensor. `generator` is the only source of randomness (DARE/DELLA masks)."""
 
 
+def work_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """What a merge computes in: float64 for float64 inputs, else float32 (half-precision inputs lose too
+    much in sums, and torch.bernoulli has no float16 CPU kernel: masks drawn in float32 agree with mergekit's)."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
 def tensor_generator(seed: int, tensor_name: str) -> torch.Generator:
     """A generator per tensor, keyed by name, so masks do not depend on the order tensors are merged in."""
     key = int.from_bytes(hashlib.sha256(f"{seed}:{tensor_name}".encode()).digest()[:8], "little") >> 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from services.evomerge.merge_methods.base import MergeConfigError, MergeMethod, ParameterSpec
+from services.evomerge.merge_methods.base import MergeConfigError, MergeMethod, ParameterSpec, work_dtype
 
 
 def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torch.Tensor:
@@ -47,5 +47,5 @@ class KarcherMerge(MergeMethod):
             raise MergeConfigError("karcher averages its models as they are: it takes no base model")
         if len(tensors) == 1:
             return tensors[0]
-        work = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+        work = work_dtype(tensors[0])
         return karcher_mean([t.to(work) for t in tensors], max_iter, tol)

@@ -9,7 +9,7 @@ import itertools
 
 import torch
 
-from services.evomerge.merge_methods.base import MergeMethod, ParameterSpec
+from services.evomerge.merge_methods.base import MergeMethod, ParameterSpec, work_dtype
 
 
 class ModelStock(MergeMethod):
@@ -19,7 +19,7 @@ class ModelStock(MergeMethod):
     min_models = 2
 
     def merge(self, tensors, base, generator, *, filter_wise):
-        work = torch.float64 if base.dtype == torch.float64 else torch.float32
+        work = work_dtype(base)
         shape = base.shape
         if filter_wise:
             flat = lambda x: x.to(work) if x.dim() > 1 else x.to(work).unsqueeze(0)  # noqa: E731

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from services.evomerge.merge_methods.base import MergeConfigError, MergeMethod, ParameterSpec
+from services.evomerge.merge_methods.base import MergeConfigError, MergeMethod, ParameterSpec, work_dtype
 
 
 def multislerp(tensors: list[torch.Tensor], weights: list[float], normalize: bool, eps: float) -> torch.Tensor:
@@ -43,7 +43,7 @@ class MultiSlerpMerge(MergeMethod):
     def merge(self, tensors, base, generator, *, weight, normalize_weights, eps):
         if len(tensors) == 1:
             return tensors[0]
-        work = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+        work = work_dtype(tensors[0])
         inputs = [t.to(work) for t in tensors]
         if base is None:
             return multislerp(inputs, weight, normalize_weights, eps)

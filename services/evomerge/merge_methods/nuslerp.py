@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from services.evomerge.merge_methods.base import MergeMethod, ParameterSpec
+from services.evomerge.merge_methods.base import MergeMethod, ParameterSpec, work_dtype
 
 EPS = 1e-8
 NORM_FLOOR = 1e-7
@@ -44,7 +44,7 @@ class NuSlerpMerge(MergeMethod):
     def merge(self, tensors, base, generator, *, weight, nuslerp_row_wise, nuslerp_flatten):
         total = sum(weight)
         t = 0.5 if abs(total) < 1e-6 else weight[1] / total
-        work = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+        work = work_dtype(tensors[0])
         v0, v1 = tensors[0].to(work), tensors[1].to(work)
         if base is None:
             return nuslerp(t, v0, v1, row_wise=nuslerp_row_wise, flatten=nuslerp_flatten)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from services.evomerge.merge_methods.base import MergeMethod, ParameterSpec
+from services.evomerge.merge_methods.base import MergeMethod, ParameterSpec, work_dtype
 from services.evomerge.merge_methods.task_arithmetic import elect_sign_mask
 
 UNIFORM_BELOW = 1e-6  # summed weights this small: the task vectors carry nothing, weigh them alike
@@ -44,7 +44,7 @@ class SCEMerge(MergeMethod):
     needs_base = True
 
     def merge(self, tensors, base, generator, *, select_topk):
-        work = torch.float64 if base.dtype == torch.float64 else torch.float32
+        work = work_dtype(base)
         base_w = base.to(work)
         deltas = torch.stack([t.to(work) - base_w for t in tensors])
         if select_topk < 1:

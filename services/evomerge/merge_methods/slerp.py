@@ -10,14 +10,14 @@ import math
 
 import torch
 
-from services.evomerge.merge_methods.base import MergeMethod, ParameterSpec
+from services.evomerge.merge_methods.base import MergeMethod, ParameterSpec, work_dtype
 
 DOT_THRESHOLD = 0.9995  # |cos| above this: sin(angle) is too small to divide by, use lerp
 EPS = 1e-8
 
 
 def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
-    work = torch.float64 if v0.dtype == torch.float64 else torch.float32
+    work = work_dtype(v0)
     a, b = v0.to(work), v1.to(work)
     norm_a, norm_b = a.norm(), b.norm()
     unit_a = a / norm_a if norm_a > EPS else a

@@ -18,13 +18,10 @@ from typing import Literal
 
 import torch
 
+from services.evomerge.merge_methods.base import work_dtype
+
 Rescale = Literal["paper", "l1", "none"]
 L1_EPS = 1e-7  # mergekit's tolerance: tiny norms are left unscaled
-
-
-def _work_dtype(tensor: torch.Tensor) -> torch.dtype:
-    # torch.bernoulli has no float16 CPU kernel; draw in float32 (as mergekit does) so masks agree.
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
 def _rescale_l1(delta: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
@@ -63,7 +60,7 @@ def random_drop(delta: torch.Tensor, density: float, rescale: Rescale, generator
         return delta
     if density <= 0:
         return torch.zeros_like(delta)
-    work = delta.to(_work_dtype(delta))
+    work = delta.to(work_dtype(delta))
     mask = torch.bernoulli(torch.full_like(work, density), generator=generator)
     masked = work * mask
     if rescale == "paper":
@@ -82,7 +79,7 @@ def della_magprune(
         return torch.zeros_like(delta)
     if density - epsilon <= 0 or density + epsilon >= 1:
         raise ValueError(f"della: density {density} +/- epsilon {epsilon} must stay inside (0, 1)")
-    work = delta.to(_work_dtype(delta))
+    work = delta.to(work_dtype(delta))
     rows = work if work.dim() >= 2 else work.unsqueeze(0)
     # rank 1 = smallest magnitude in its row; normalized to [0, 1] across the row
     ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(work.dtype) + 1

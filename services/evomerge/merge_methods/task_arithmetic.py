@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from services.evomerge.merge_methods.base import MergeMethod, ParameterSpec
+from services.evomerge.merge_methods.base import MergeMethod, ParameterSpec, work_dtype
 from services.evomerge.merge_methods.sparsify import della_magprune, magnitude, magnitude_outliers, random_drop
 
 Sparsification = Literal["magnitude", "random", "della", "outliers"]
@@ -73,7 +73,7 @@ class GeneralizedTaskArithmetic(MergeMethod):
     def merge(self, tensors, base, generator, **params):
         if params.get("rescale", "paper") not in ("paper", "l1", "none"):
             raise ValueError(f"{self.name}: rescale must be 'paper', 'l1' or 'none', got {params['rescale']!r}")
-        work = torch.float64 if base.dtype == torch.float64 else torch.float32
+        work = work_dtype(base)
         base_w = base.to(work)
         deltas = torch.stack(
             [self._sparsify(t.to(work) - base_w, i, generator, params).to(work) for i, t in enumerate(tensors)]
