@@ -89,7 +89,7 @@ def _png(figure: Figure) -> str:
 
 
 def render(run: dict[str, Any], steps: list[dict[str, Any]], points: list[dict[str, Any]],
-           figures_of: Callable[[str, dict], Figures]) -> str:
+           figures_of: Callable[[dict[str, Any]], Figures]) -> str:
     """The page: a header, the staircase, then per step its headline numbers and figures."""
     sections = [f"<h2>Size and quality</h2><img alt='staircase' src='{_png(staircase(points))}'>" if points else ""]
     for step in steps:
@@ -98,7 +98,7 @@ def render(run: dict[str, Any], steps: list[dict[str, Any]], points: list[dict[s
                        for k, v in summary.items())
         images = "".join(f"<figure><img alt='{html.escape(title)}' src='{_png(figure)}'>"
                          f"<figcaption>{html.escape(title)}</figcaption></figure>"
-                         for title, figure in figures_of(step["phase"], step["report"]))
+                         for title, figure in figures_of(step))
         sections.append(f"<h2>{step['step'] + 1}. {html.escape(step['phase'])}</h2>"
                         f"<table>{rows}</table>{images}")
     title = f"Agent Forge run {html.escape(run['run_id'])}"

@@ -133,11 +133,10 @@ def generate_command(
     settings = Settings()
     with tempfile.TemporaryDirectory() as folder:
         forged, what = load_for_generation(settings, checkpoint, Path(folder))
-    model = forged.model
     thinking = thinking_model(forged) if think is not False else None
     if think and thinking is None:
         raise fail(f"{what} carries no thinking (no Quiet-STaR mixing head): run it with --no-think")
-    model = thinking or model
+    model = forged.model if thinking is None else thinking
     console.print(f"[dim]{what}; thinking {'on' if thinking is not None else 'off'}, tools "
                   f"{'on' if tools else 'off'}[/dim]", highlight=False)
     generate = StreamingGenerate(model, forged.tokenizer, prompt)
@@ -172,9 +171,8 @@ def report_command(
                                "bytes": model_bytes(archive.sizes), "success": value})
     spec_phases = {index: step.phase for index, step in enumerate(status.spec.steps)}
 
-    def figures_of(phase: str, report: dict):
-        step = next(s["step"] for s in steps if s["phase"] == phase)
-        return load_phase(spec_phases.get(step, phase)).figures(report)
+    def figures_of(step: dict):
+        return load_phase(spec_phases.get(step["step"], step["phase"])).figures(step["report"])
 
     page = render({"run_id": status.run_id, "spec": status.spec.name or "run", "state": state_name(status.state)},
                   steps, points, figures_of)
