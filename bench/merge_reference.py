@@ -1,7 +1,8 @@
 """mergekit as a reference: installed in its own venv (its pins clash with ours), driven by subprocess.
 
 `ensure_mergekit()` creates ~/.cache/agentforge/mergekit-venv with uv on first use; `run_mergekit(jobs)`
-runs a list of merges there on safetensors checkpoints and returns each merge's wall time in seconds.
+runs a list of merges there on safetensors checkpoints and returns each merge's wall time in seconds;
+`run_mergekit_multi` runs a multi-stage file with its mergekit-multi command.
 Used by tests/integration/test_mergekit_parity.py and bench/merge.py.
 """
 from __future__ import annotations
@@ -12,6 +13,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import yaml
 
 from shared.localinfra.uv import UvUnavailable, uv_binary, uv_env
 from shared.settings import default_cache_dir
@@ -67,6 +70,10 @@ def _has_mergekit(python: Path) -> bool:
     return subprocess.run([str(python), "-c", "import mergekit.merge"], capture_output=True).returncode == 0
 
 
+# Offline: the checkpoints are local folders, nothing may be fetched from the Hub.
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
 def run_mergekit(jobs: list[dict]) -> dict[str, float]:
     """jobs: [{"config": mergekit config dict, "out": folder, "seed": int}] -> {out folder: seconds}."""
     python = ensure_mergekit()
@@ -74,10 +81,22 @@ def run_mergekit(jobs: list[dict]) -> dict[str, float]:
         driver, job_file = Path(scratch) / "driver.py", Path(scratch) / "jobs.json"
         driver.write_text(DRIVER)
         job_file.write_text(json.dumps([{**job, "out": str(job["out"])} for job in jobs]))
-        # Offline: the checkpoints are local folders, nothing may be fetched from the Hub.
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        done = subprocess.run([str(python), str(driver), str(job_file)], env=env, capture_output=True, text=True)
+        done = subprocess.run([str(python), str(driver), str(job_file)], env={**os.environ, **OFFLINE},
+                              capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"mergekit failed:\n{done.stderr[-3000:]}")
     timings = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     return {t["out"]: t["seconds"] for t in timings}
+
+
+def run_mergekit_multi(documents: list[dict], out: Path, seed: int) -> None:
+    """mergekit-multi on the documents of one file (named stages, then the unnamed final merge) into out."""
+    command = ensure_mergekit().parent / "mergekit-multi"
+    with tempfile.TemporaryDirectory() as scratch:
+        config = Path(scratch) / "multi.yml"
+        config.write_text(yaml.safe_dump_all(documents))
+        done = subprocess.run([str(command), str(config), "--out-path", str(out), "-I", str(Path(scratch) / "stages"),
+                               "--random-seed", str(seed), "--no-lazy", "--quiet"],
+                              env={**os.environ, **OFFLINE}, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"mergekit-multi failed:\n{done.stderr[-3000:]}")

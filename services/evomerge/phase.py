@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from services.evomerge.merge_methods import get_method
-from services.evomerge.mergekit_yaml import champion_as_mergekit
+from services.evomerge.mergekit_export import champion_as_mergekit
 from services.evomerge.recipe import ParameterSpaceRecipe, apply_recipe
 from services.evomerge.search import (
     Evaluator,
@@ -160,7 +160,9 @@ def _check_parents(models: list[ForgedModel], base_name: str,
 
 class EvoMergePhase(Phase):
     name = "evomerge"
-    version = "5"  # 4: the shared scorecard (problem-level splits, tool runtime), the multitask baseline; 5: the champion as mergekit YAML
+    # 4: the shared scorecard (problem-level splits, tool runtime), the multitask baseline; 5: the champion as
+    # mergekit YAML; 6: DARE/DELLA masks drawn in mergekit's order (one generator), data-flow champions as slices
+    version = "6"
     Config = EvoMergeConfig
 
     def figures(self, report: dict) -> list:

@@ -136,11 +136,16 @@ def _apply_data_flow(recipe: DataFlowRecipe, by_name: dict[str, ForgedModel], na
     if len(vocabularies) != 1:
         raise MergeConfigError(f"data-flow merging needs one tokenizer; vocabulary sizes {sorted(vocabularies)}")
     stacked = dfs_merge([weights_of(m.model) for m in models], DataFlowPath(recipe.steps, recipe.crossing_scales))
-    config = copy.deepcopy(models[0].model.config)
-    config.num_hidden_layers = len(recipe.steps)
-    if getattr(config, "layer_types", None) is not None:
-        config.layer_types = [config.layer_types[layer] for _, layer in recipe.steps]
-    with torch.random.fork_rng(devices=[]):  # initialising the shell must not move anyone's RNG
-        model = AutoModelForCausalLM.from_config(config)
+    model = stacked_model_shell(models[0].model.config, [layer for _, layer in recipe.steps])
     load_weights(model, stacked)
     return ForgedModel(model=model.eval(), tokenizer=models[0].tokenizer, name=name)
+
+
+def stacked_model_shell(config, source_layers: list[int]):
+    """An untrained model like `config`'s whose layer k will hold layer source_layers[k] of such a model."""
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = len(source_layers)
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [config.layer_types[layer] for layer in source_layers]
+    with torch.random.fork_rng(devices=[]):  # initialising the shell must not move anyone's RNG
+        return AutoModelForCausalLM.from_config(config)

@@ -1,9 +1,10 @@
-"""Our merge operators against mergekit 0.1.5 on the same two tiny checkpoints: equal within 1e-6.
+"""Our merge operators, `agentforge merge` and EvoMerge's exported champions against mergekit 0.1.5 on the
+same tiny checkpoints: equal within 1e-6, and seeded random merges exactly.
 
 mergekit runs in its own venv (bench/merge_reference.py creates it with uv if missing; the test skips,
 saying why, when it cannot be installed). Random masks: mergekit seeds torch's global generator once and
-merges tensors in the sorted order of their names; we replay that by giving our operators one generator
-seeded alike and walking the tensors in that order. (Our own default seeds a generator per tensor name.)
+merges tensors in the order of the greatest of their inputs' names (sorted names when models merge whole);
+our merges draw from one generator seeded alike, in that order.
 """
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from bench.merge_reference import MergekitUnavailable, ensure_mergekit, run_mergekit
+from bench.merge_reference import MergekitUnavailable, ensure_mergekit, run_mergekit, run_mergekit_multi
 from services.evomerge.merge_methods import get_method, merge_state_dicts
 from services.evomerge.merge_methods.passthrough import LayerSlice, frankenmerge
-from services.evomerge.mergekit_yaml import champion_as_mergekit, run_merge
-from services.evomerge.recipe import ParameterSpaceRecipe, apply_recipe, weights_of
+from services.evomerge.mergekit_export import champion_as_mergekit
+from services.evomerge.mergekit_yaml import run_merge
+from services.evomerge.recipe import DataFlowRecipe, ParameterSpaceRecipe, apply_recipe, weights_of
 from shared.phase import ForgedModel
+from tests.unit.test_evomerge_search import tiny_tokenizer
 from tests.unit.test_merge_methods import tiny_family
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -113,21 +116,90 @@ YAML_CASES = {
                         "models": [{"model": "ft0", "parameters": {"weight": 1.0}}, {"model": "ft1", "parameters": {"weight": 2.0}}]},
     "karcher": {"merge_method": "karcher", "models": [{"model": "ft0"}, {"model": "ft1"}]},
     "model_stock": {"merge_method": "model_stock", "base_model": "base", "models": [{"model": "ft0"}, {"model": "ft1"}]},
+    # slices: a frankenmerge (3 layers from two 2-layer models, a source scaling its attention output), and
+    # slices whose sources are merged layer by layer, with per-source gradients and per-slice values.
+    "passthrough_frankenmerge": {
+        "merge_method": "passthrough",
+        "slices": [{"sources": [{"model": "ft0", "layer_range": [0, 2]}]},
+                   {"sources": [{"model": "ft1", "layer_range": [1, 2],
+                                 "parameters": {"scale": [{"filter": "o_proj", "value": 0.5}, {"value": 1.0}]}}]}]},
+    "linear_slices": {
+        "merge_method": "linear", "parameters": {"weight": 1.0},
+        "slices": [{"sources": [{"model": "ft0", "layer_range": [1, 2]}, {"model": "ft1", "layer_range": [0, 1]}],
+                    "parameters": {"weight": 0.3}},
+                   {"sources": [{"model": "ft1", "layer_range": [0, 2], "parameters": {"weight": [0.2, 0.9]}},
+                                {"model": "ft0", "layer_range": [0, 2]}]}]},
+    "ties_slices_slice_base": {
+        "merge_method": "ties", "base_model": "base",
+        "parameters": {"density": [{"filter": "layers.1.", "value": 0.3}, {"value": 0.6}]},
+        "slices": [{"sources": [{"model": "ft0", "layer_range": [0, 2], "parameters": {"weight": 0.7}},
+                                {"model": "ft1", "layer_range": [0, 2], "parameters": {"weight": [0.1, 0.5]}},
+                                {"model": "base", "layer_range": [0, 2]}]},
+                   {"base_model": "ft1",
+                    "sources": [{"model": "ft0", "layer_range": [1, 2], "parameters": {"weight": 1.0}},
+                                {"model": "ft1", "layer_range": [0, 1]},
+                                {"model": "base", "layer_range": [1, 2], "parameters": {"weight": 0.5}}]},
+                   {"sources": [{"model": "ft1", "layer_range": [1, 2], "parameters": {"weight": 0.4}},
+                                {"model": "base", "layer_range": [0, 1]},
+                                {"model": "ft0", "layer_range": [0, 1], "parameters": {"weight": 0.6}}]}]},
+    "slerp_slices": {
+        "merge_method": "slerp", "base_model": "ft1", "parameters": {"t": [0.2, 0.8]},
+        "slices": [{"sources": [{"model": "ft0", "layer_range": [0, 2]}, {"model": "ft1", "layer_range": [0, 2]}]},
+                   {"sources": [{"model": "ft1", "layer_range": [0, 1]}, {"model": "ft0", "layer_range": [1, 2]}],
+                    "parameters": {"t": 0.4}}]},
+}
+
+# Seeded random methods through the same YAML: the masks must be mergekit's, drawn in its order.
+RANDOM_YAML_CASES = {
+    "dare_ties": {"merge_method": "dare_ties", "base_model": "base",
+                  "models": [{"model": "ft0", "parameters": {"weight": 0.6, "density": [0.3, 0.7]}},
+                             {"model": "ft1", "parameters": {"weight": 0.4, "density": 0.5}}]},
+    "dare_linear_no_rescale": {"merge_method": "dare_linear", "base_model": "base", "parameters": {"rescale": False},
+                               "models": [{"model": "base"}, {"model": "ft0", "parameters": {"weight": 0.5, "density": 0.4}},
+                                          {"model": "ft1", "parameters": {"weight": 0.5, "density": 1.0}}]},
+    "della": {"merge_method": "della", "base_model": "base", "parameters": {"epsilon": 0.1},
+              "models": [{"model": "ft0", "parameters": {"weight": 1.0, "density": 0.5}},
+                         {"model": "ft1", "parameters": {"weight": 0.5, "density": 0.3}}]},
+    # Output layer 0 merges source layers 1, output layer 1 source layers 0: mergekit draws layer 1's masks later.
+    "dare_linear_slices": {
+        "merge_method": "dare_linear", "base_model": "base", "parameters": {"weight": 0.5, "density": 0.5},
+        "slices": [{"sources": [{"model": "ft0", "layer_range": [1, 2]}, {"model": "ft1", "layer_range": [1, 2]},
+                                {"model": "base", "layer_range": [1, 2]}]},
+                   {"sources": [{"model": "ft1", "layer_range": [0, 1]}, {"model": "base", "layer_range": [0, 1]},
+                                {"model": "ft0", "layer_range": [0, 1], "parameters": {"density": 0.2}}]}]},
 }
 
 
-# Champions (parameter-space recipes, a layer group each with its own values) exported as mergekit YAML.
+# Champions exported as mergekit YAML: parameter-space recipes (a layer group each with its own values),
+# random ones seeded (mergekit runs them with the recipe's seed), and data-flow paths (slices; a merged stage
+# first, as a mergekit-multi file).
+CHAMPION_SEED = 11
+DARE_GROUPS = ({"weight": [0.7, 0.3], "density": [0.5, 1.0]}, {"weight": [0.2, 0.9], "density": [0.8, 0.4]})
+TIES = ParameterSpaceRecipe(method="ties", models=("ft0", "ft1"), base="base",
+                            groups=({"weight": [0.7, 0.3], "density": [0.5, 0.6]},
+                                    {"weight": [0.2, 0.9], "density": [0.8, 0.4]}))
 CHAMPIONS = {
-    "ties": ParameterSpaceRecipe(method="ties", models=("ft0", "ft1"), base="base",
-                                 groups=({"weight": [0.7, 0.3], "density": [0.5, 0.6]},
-                                         {"weight": [0.2, 0.9], "density": [0.8, 0.4]})),
+    "ties": TIES,
     "slerp": ParameterSpaceRecipe(method="slerp", models=("ft0", "ft1"), groups=({"t": 0.2}, {"t": 0.9})),
     "task_arithmetic": ParameterSpaceRecipe(method="task_arithmetic", models=("ft0", "ft1"), base="base",
                                             shared={"lambda": 0.8}, groups=({"weight": [1.0, 0.0]}, {"weight": [0.4, 0.6]})),
+    "dare_ties_paper_rescale": ParameterSpaceRecipe(method="dare_ties", models=("ft0", "ft1"), base="base",
+                                                    groups=DARE_GROUPS, seed=CHAMPION_SEED),
+    "dare_linear_l1": ParameterSpaceRecipe(method="dare_linear", models=("ft0", "ft1"), base="base",
+                                           shared={"rescale": "l1"}, groups=DARE_GROUPS, seed=CHAMPION_SEED),
+    "della_no_rescale": ParameterSpaceRecipe(method="della", models=("ft0", "ft1"), base="base", seed=CHAMPION_SEED,
+                                             shared={"rescale": "none", "epsilon": 0.1},
+                                             groups=({"weight": [0.5, 0.5], "density": [0.3, 0.6]},) * 2),
+    "data_flow": DataFlowRecipe(models=("ft0", "ft1"), steps=((0, 0), (1, 1), (1, 0), (0, 1), (0, 1)),
+                                crossing_scales={"0->1": 0.8, "1->0": 1.5}),
+    "data_flow_over_a_merged_stage": DataFlowRecipe(
+        models=(ParameterSpaceRecipe(method="dare_ties", models=("ft0", "ft1"), base="base", groups=DARE_GROUPS,
+                                     seed=CHAMPION_SEED), "ft1"),
+        steps=((0, 0), (0, 1), (1, 1), (0, 1)), crossing_scales={"0->1": 1.25, "1->0": 0.5}),
 }
 
 
-def exported(name: str) -> dict:
+def exported(name: str) -> dict | list[dict]:
     config, note = champion_as_mergekit(CHAMPIONS[name], n_layers=2)
     assert config is not None, note
     return config
@@ -135,9 +207,14 @@ def exported(name: str) -> dict:
 
 def with_folders(config: dict, paths: dict) -> dict:
     """The YAML case with model names replaced by their folders, in float32 as every parity merge is."""
-    folder = lambda name: str(paths[name])  # noqa: E731
-    resolved = {**config, "dtype": "float32",
-                "models": [{**m, "model": folder(m["model"])} for m in config["models"]]}
+    folder = lambda name: str(paths.get(name, name))  # noqa: E731  a stage's name stays: mergekit-multi resolves it
+    resolved = {**config, "dtype": "float32"}
+    if "models" in config:
+        resolved["models"] = [{**m, "model": folder(m["model"])} for m in config["models"]]
+    if "slices" in config:
+        resolved["slices"] = [{**s, "sources": [{**source, "model": folder(source["model"])} for source in s["sources"]],
+                               **({"base_model": folder(s["base_model"])} if "base_model" in s else {})}
+                              for s in config["slices"]]
     if "base_model" in config:
         resolved["base_model"] = folder(config["base_model"])
     return resolved
@@ -171,10 +248,14 @@ def family(tmp_path_factory):
             for name, (case, _, _) in CASES.items()]
     jobs.append({"config": frankenmerge_config(paths), "out": root / "out-frankenmerge", "seed": SEED})
     jobs += [{"config": with_folders(case, paths), "out": root / f"yaml-{name}", "seed": SEED}
-             for name, case in YAML_CASES.items()]
-    jobs += [{"config": with_folders(exported(name), paths), "out": root / f"champion-{name}", "seed": SEED}
-             for name in CHAMPIONS]
+             for name, case in {**YAML_CASES, **RANDOM_YAML_CASES}.items()]
+    single = [name for name in CHAMPIONS if isinstance(exported(name), dict)]
+    jobs += [{"config": with_folders(exported(name), paths), "out": root / f"champion-{name}", "seed": CHAMPION_SEED}
+             for name in single]
     run_mergekit(jobs)
+    for name in set(CHAMPIONS) - set(single):
+        run_mergekit_multi([with_folders(document, paths) for document in exported(name)], root / f"champion-{name}",
+                           CHAMPION_SEED)
     states = {name: load_file(path / "model.safetensors") for name, path in paths.items()}
     return root, states, paths
 
@@ -202,17 +283,10 @@ def test_operator_equals_mergekit(family, case):
     _, method_name, params = CASES[case]
     method = get_method(method_name)
     reference = load_file(root / f"out-{case}" / "model.safetensors")
-    ordered = lambda state: {n: state[n] for n in sorted(state)}  # noqa: E731  mergekit's merge order
-    shared_generator = torch.Generator().manual_seed(SEED)
     # The base mergekit is given, where our method uses one (slerp's base_model only names its first model).
     base = CASES[case][0].get("base_model")
-    ours = merge_state_dicts(
-        method,
-        [ordered(states["ft0"]), ordered(states["ft1"])],
-        states[base] if base == "base" else None,
-        lambda name: params,
-        generator_for=lambda name: shared_generator,
-    )
+    ours = merge_state_dicts(method, [states["ft0"], states["ft1"]], states[base] if base == "base" else None,
+                             lambda name: params, seed=SEED)
     assert_same(ours, reference)
 
 
@@ -223,19 +297,33 @@ def test_frankenmerge_equals_mergekit_passthrough(family):
     assert_same(ours, reference)
 
 
+def merged_by_us(case: dict, paths: dict, folder) -> dict:
+    config = folder / "merge.yml"
+    config.write_text(yaml.safe_dump(with_folders(case, paths)))
+    run_merge(config, folder / "out", seed=SEED)
+    return load_file(folder / "out" / "model.safetensors")
+
+
 @pytest.mark.parametrize("case", list(YAML_CASES))
 def test_the_same_mergekit_yaml_gives_mergekits_weights(family, case, tmp_path):
     root, _, paths = family
-    config = tmp_path / "merge.yml"
-    config.write_text(yaml.safe_dump(with_folders(YAML_CASES[case], paths)))
-    run_merge(config, tmp_path / "out")
-    assert_same(load_file(tmp_path / "out" / "model.safetensors"), load_file(root / f"yaml-{case}" / "model.safetensors"))
+    assert_same(merged_by_us(YAML_CASES[case], paths, tmp_path), load_file(root / f"yaml-{case}" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("case", list(RANDOM_YAML_CASES))
+def test_the_same_seed_gives_mergekits_random_merge_exactly(family, case, tmp_path):
+    root, _, paths = family
+    ours = merged_by_us(RANDOM_YAML_CASES[case], paths, tmp_path)
+    theirs = load_file(root / f"yaml-{case}" / "model.safetensors")
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
 
 
 @pytest.mark.parametrize("name", list(CHAMPIONS))
 def test_an_exported_champion_run_by_mergekit_reproduces_its_weights(family, name):
     root, states, _ = family
     base, finetunes = tiny_family()
-    parents = [ForgedModel(model, None, parent) for model, parent in zip([base, *finetunes], ["base", "ft0", "ft1"])]
+    parents = [ForgedModel(model, tiny_tokenizer(), parent)
+               for model, parent in zip([base, *finetunes], ["base", "ft0", "ft1"])]
     ours = weights_of(apply_recipe(CHAMPIONS[name], parents).model)
     assert_same(ours, load_file(root / f"champion-{name}" / "model.safetensors"))

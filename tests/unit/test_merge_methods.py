@@ -163,15 +163,19 @@ def test_della_keeps_large_entries_more_often_and_rescales_by_their_keep_probabi
         della_magprune(row, 0.9, 0.15, "paper", torch.Generator())
 
 
-def test_random_masks_are_seeded_per_tensor_name_not_by_order():
+def test_random_masks_come_from_one_seeded_generator_in_sorted_tensor_order_as_in_mergekit():
     base, finetunes = tiny_family()
     states = [m.state_dict() for m in finetunes]
     reversed_states = [dict(reversed(list(s.items()))) for s in states]
     params = lambda n: {"weight": 0.5, "density": 0.5}  # noqa: E731
-    one = merge_state_dicts(get_method("dare_ties"), states, base.state_dict(), params, seed=3)
-    two = merge_state_dicts(get_method("dare_ties"), reversed_states, base.state_dict(), params, seed=3)
-    other_seed = merge_state_dicts(get_method("dare_ties"), states, base.state_dict(), params, seed=4)
-    assert all(torch.equal(one[n], two[n]) for n in one)
+    dare = get_method("dare_ties")
+    one = merge_state_dicts(dare, states, base.state_dict(), params, seed=3)
+    two = merge_state_dicts(dare, reversed_states, base.state_dict(), params, seed=3)
+    other_seed = merge_state_dicts(dare, states, base.state_dict(), params, seed=4)
+    generator = torch.Generator().manual_seed(3)
+    replay = {name: dare.merge([s[name] for s in states], base.state_dict()[name], generator, **dare.resolve(params(name), 2))
+              for name in sorted(states[0])}
+    assert all(torch.equal(one[n], two[n]) and torch.equal(one[n], replay[n]) for n in one)
     assert not all(torch.equal(one[n], other_seed[n]) for n in one)
 
 

@@ -7,7 +7,6 @@ parameters of each tensor, so evolution can give every layer group its own value
 """
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
@@ -78,12 +77,6 @@ def work_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
-def tensor_generator(seed: int, tensor_name: str) -> torch.Generator:
-    """A generator per tensor, keyed by name, so masks do not depend on the order tensors are merged in."""
-    key = int.from_bytes(hashlib.sha256(f"{seed}:{tensor_name}".encode()).digest()[:8], "little") >> 1
-    return torch.Generator().manual_seed(key)
-
-
 def merge_state_dicts(
     method: MergeMethod,
     models: list[StateDict],
@@ -91,23 +84,40 @@ def merge_state_dicts(
     params_for: Callable[[str], dict[str, Any]],
     *,
     seed: int = 0,
-    generator_for: Callable[[str], torch.Generator] | None = None,
 ) -> StateDict:
-    """Merge every tensor of `models` (same names and shapes) with `method`, in the first model's key order."""
+    """Merge every tensor of `models` (same names and shapes) with `method`; the result in the first model's key order.
+
+    Random masks come from one generator seeded with `seed`, tensor after tensor in the sorted order of their
+    names: mergekit 0.1.5's order for models merged whole, so mergekit with --random-seed `seed` draws the same.
+    A mask takes one draw per entry whatever its density, so merges that differ only in densities share their
+    draws (nested masks), until a tensor draws nothing (density 1, or DELLA's 0, as in mergekit): that shifts
+    the draws of every tensor after it.
+    """
     method.check_inputs(len(models), base is not None)
     names = list(models[0])
     for index, state in enumerate(models[1:] + ([base] if base is not None else []), start=1):
         if set(state) != set(names):
             raise MergeConfigError(f"model {index} has different tensor names: {sorted(set(state) ^ set(names))[:5]}")
-    generator_for = generator_for or (lambda name: tensor_generator(seed, name))
-    merged = {}
+    generator = torch.Generator().manual_seed(seed)
+    merged = {
+        name: merge_tensor(method, name, [state[name] for state in models], base[name] if base is not None else None,
+                           params_for(name), generator)
+        for name in sorted(names)
+    }
+    return {name: merged[name] for name in names}
+
+
+def merge_tensor(
+    method: MergeMethod,
+    name: str,
+    tensors: list[torch.Tensor],
+    base: torch.Tensor | None,
+    params: dict[str, Any],
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """One output tensor `name` from the inputs' tensors (same shapes), in the first input's dtype."""
+    if any(t.shape != tensors[0].shape for t in tensors + ([base] if base is not None else [])):
+        shapes = [tuple(t.shape) for t in tensors] + ([f"base {tuple(base.shape)}"] if base is not None else [])
+        raise MergeConfigError(f"{name}: shapes differ {shapes}")
     with torch.no_grad():
-        for name in names:
-            tensors = [state[name] for state in models]
-            if any(t.shape != tensors[0].shape for t in tensors):
-                raise MergeConfigError(f"{name}: shapes differ {[tuple(t.shape) for t in tensors]}")
-            params = method.resolve(params_for(name), len(models))
-            merged[name] = method.merge(
-                tensors, base[name] if base is not None else None, generator_for(name), **params
-            ).to(tensors[0].dtype)
-    return merged
+        return method.merge(tensors, base, generator, **method.resolve(params, len(tensors))).to(tensors[0].dtype)

@@ -32,6 +32,17 @@ class DataFlowPath:
             return 1.0
         return self.crossing_scales.get(f"{self.steps[k - 1][0]}->{self.steps[k][0]}", 1.0)
 
+    def residual_factors(self) -> list[float]:
+        """Per step, the factor its residual writes are multiplied by: 1 / the product of the scales so far."""
+        cumulative, factors = 1.0, []
+        for k in range(len(self.steps)):
+            s = self.scale_before(k)
+            if s <= 0:
+                raise MergeConfigError(f"crossing scale must be positive, got {s}")
+            cumulative *= s
+            factors.append(1.0 / cumulative)
+        return factors
+
 
 def candidate_layers(layer_counts: list[int], repeats: int) -> list[tuple[int, int]]:
     """All models' layers in order, repeated: the slots the indicator array switches on or off."""
@@ -49,12 +60,6 @@ def dfs_merge(models: list[StateDict], path: DataFlowPath) -> StateDict:
     for name in RESIDUAL_WRITERS[::2]:
         if not any(key.endswith(name) for key in models[0]):
             raise MergeConfigError(f"data-flow merging folds scales into {name}, which these models lack")
-    cumulative, factors = 1.0, []
-    for k in range(len(path.steps)):
-        s = path.scale_before(k)
-        if s <= 0:
-            raise MergeConfigError(f"crossing scale must be positive, got {s}")
-        cumulative *= s
-        factors.append(1.0 / cumulative)
+    factors = path.residual_factors()
     return stack_layers(models, list(path.steps), {suffix: factors for suffix in RESIDUAL_WRITERS})
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import torch
-
 from services.evomerge.merge_methods.base import MergeConfigError, MergeMethod, ParameterSpec, StateDict
 
 LAYER_NAME = re.compile(r"^(?P<prefix>.*?\blayers\.)(?P<index>\d+)(?P<rest>\..*)$")
@@ -26,15 +24,36 @@ def num_layers(state: StateDict) -> int:
     return max(indices) + 1 if indices else 0
 
 
+def layers_of(state: StateDict) -> dict[int, dict[str, str]]:
+    """layer index -> {what follows the index in a tensor's name (".mlp.up_proj.weight"): the full name}."""
+    layers: dict[int, dict[str, str]] = {}
+    for name in state:
+        if match := LAYER_NAME.match(name):
+            layers.setdefault(int(match["index"]), {})[match["rest"]] = name
+    return layers
+
+
+def renumbered(name: str, index: int) -> str:
+    """A layer tensor's name as it is in layer `index` ("model.layers.3.x", 0 -> "model.layers.0.x")."""
+    match = LAYER_NAME.match(name)
+    return f"{match['prefix']}{index}{match['rest']}"
+
+
+def is_embedding(name: str) -> bool:
+    """Outside the layers, the embeddings come before them; everything else (final norm, head) after."""
+    return "embed" in name
+
+
 class PassthroughMerge(MergeMethod):
-    """One input, copied (optionally scaled); the per-tensor step of a frankenmerge."""
+    """One input, copied (optionally scaled); the per-tensor step of a frankenmerge. The scale belongs to the
+    input, as in mergekit, so a YAML source's own `scale` applies to its tensors."""
 
     name = "passthrough"
-    parameters = (ParameterSpec("scale", default=1.0),)
+    parameters = (ParameterSpec("scale", default=1.0, per_model=True),)
     max_models = 1
 
     def merge(self, tensors, base, generator, *, scale):
-        return tensors[0] if scale == 1.0 else tensors[0] * scale
+        return tensors[0] if scale[0] == 1.0 else tensors[0] * scale[0]
 
 
 @dataclass(frozen=True)
@@ -60,28 +79,20 @@ def stack_layers(
         if not 0 <= layer < num_layers(models[model]):
             raise MergeConfigError(f"path names layer {layer} of model {model}, which has {num_layers(models[model])}")
     layer_scales = layer_scales or {}
-    by_layer: dict[tuple[int, int], dict[str, tuple[str, torch.Tensor]]] = {}
-    for m, state in enumerate(models):
-        for name, tensor in state.items():
-            match = LAYER_NAME.match(name)
-            if match:
-                by_layer.setdefault((m, int(match["index"])), {})[match["rest"]] = (match["prefix"], tensor)
+    layers = [layers_of(state) for state in models]
     first, last = path[0][0], path[-1][0]
     # Embeddings from the first step's model; final norm and head from the last step's.
     stacked = {
-        name: (models[first] if _is_embedding(name) else models[last])[name]
+        name: (models[first] if is_embedding(name) else models[last])[name]
         for name in models[first]
         if layer_index(name) is None
     }
     for k, (m, layer) in enumerate(path):
-        for rest, (prefix, tensor) in by_layer[(m, layer)].items():
+        for rest, name in layers[m][layer].items():
             factor = next((f[k] for suffix, f in layer_scales.items() if rest.endswith(suffix)), 1.0)
-            stacked[f"{prefix}{k}{rest}"] = tensor if factor == 1.0 else tensor * factor
+            tensor = models[m][name]
+            stacked[renumbered(name, k)] = tensor if factor == 1.0 else tensor * factor
     return stacked
-
-
-def _is_embedding(name: str) -> bool:
-    return "embed" in name
 
 
 def frankenmerge(models: list[StateDict], slices: list[LayerSlice]) -> StateDict:

@@ -58,10 +58,11 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float) -> tor
 def random_drop(delta: torch.Tensor, density: float, rescale: Rescale, generator: torch.Generator) -> torch.Tensor:
     if density >= 1:
         return delta
+    work = delta.to(work_dtype(delta))
+    # Drawn even at density 0, as mergekit does: a shared generator must stay where mergekit's would be.
+    mask = torch.bernoulli(torch.full_like(work, max(density, 0.0)), generator=generator)
     if density <= 0:
         return torch.zeros_like(delta)
-    work = delta.to(work_dtype(delta))
-    mask = torch.bernoulli(torch.full_like(work, density), generator=generator)
     masked = work * mask
     if rescale == "paper":
         return masked / density
