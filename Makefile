@@ -6,7 +6,7 @@ UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 export UV_CACHE_DIR ?= $(HOME)/.cache/agentforge/uv
 export UV_LINK_MODE ?= hardlink
 
-.PHONY: venv run test browser test-unit infra-install infra-up infra-down bench bench-pipeline bench-seeds bench-quietstar bench-forge bench-grokfast bench-baking bench-adas bench-compression clean
+.PHONY: venv run test browser test-unit infra-install infra-up infra-down bench bench-pipeline bench-seeds bench-quietstar bench-forge bench-grokfast bench-baking bench-adas bench-compression bench-headline clean
 
 $(UV):
 	$(PYTHON) -m pip install --user --quiet uv
@@ -93,6 +93,12 @@ bench-adas: venv
 ## Final compression on the stand-in: both SeedLM settings, llama.cpp's speed (about 20 minutes); bench/results/compression.json.
 bench-compression: venv
 	$(BIN)/python -m bench.compression
+	$(BIN)/python -m bench.readme
+
+## The headline on the final split: the default pipeline on three seeds against its baselines (about 100 min a seed,
+## resumable; `python -m bench.headline --seeds N` runs one); bench/results/headline.json.
+bench-headline: venv
+	$(BIN)/python -m bench.headline
 	$(BIN)/python -m bench.readme
 
 clean:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
 import typer
 
 from bench.results_file import write_results
@@ -27,6 +26,7 @@ from services.quietstar.thinking import ThinkingModel
 from services.quietstar.thoughts import thought_tokens
 from shared.checkpoint import load_checkpoint
 from shared.data.tasks import make_examples
+from shared.evaluation import generation_speed, scoring_speed
 from shared.models import get_preset
 from shared.phase import print_every_percent
 from shared.scorecard import compare, comparison_figures, score, without_items
@@ -37,44 +37,6 @@ COST_PROMPTS = 64
 ABLATION_PROBLEMS = 250  # a task, on validation (its smallest headline pool, sequences, holds 279)
 COST_NEW_TOKENS = 16
 cli = typer.Typer(add_completion=False)
-
-
-def _timed(run) -> tuple[int, float]:
-    """(tokens, seconds) of run(), after one untimed call that warms the kernels and caches up."""
-    run()
-    started = time.perf_counter()
-    tokens = run()
-    return tokens, time.perf_counter() - started
-
-
-def _speed(tokens: int, seconds: float) -> dict:
-    return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_second": round(tokens / seconds, 1)}
-
-
-@torch.no_grad()
-def generation_speed(model, tokenizer, prompts: list[str]) -> dict:
-    """New tokens per second of greedy generation (one batch, up to COST_NEW_TOKENS each, no stop string)."""
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
-
-    def run() -> int:
-        out = model.generate(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"], do_sample=False,
-                             max_new_tokens=COST_NEW_TOKENS, min_new_tokens=COST_NEW_TOKENS, tokenizer=tokenizer,
-                             pad_token_id=tokenizer.pad_token_id)
-        return (out.shape[1] - encoded["input_ids"].shape[1]) * len(prompts)
-
-    return _speed(*_timed(run))
-
-
-@torch.no_grad()
-def scoring_speed(model, tokenizer, texts: list[str]) -> dict:
-    """Teacher-forced tokens per second (the likelihood of texts, one batch)."""
-    encoded = tokenizer(texts, return_tensors="pt", padding=True)
-
-    def run() -> int:
-        model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
-        return int(encoded["attention_mask"].sum())
-
-    return _speed(*_timed(run))
 
 
 @cli.command()
@@ -116,8 +78,8 @@ def main(
             "validation": {"cards": {name: without_items(card) for name, card in cards.items()},
                            "thinking_vs_not": comparison_figures(compare(cards["output_thinking"], cards["output"])),
                            "thinking_vs_input": comparison_figures(compare(cards["output_thinking"], cards["input"]))},
-            "speed": {"generation": {"without_thoughts": generation_speed(output.model, output.tokenizer, prompts),
-                                     "with_thoughts": generation_speed(thinking, output.tokenizer, prompts)},
+            "speed": {"generation": {"without_thoughts": generation_speed(output.model, output.tokenizer, prompts, COST_NEW_TOKENS),
+                                     "with_thoughts": generation_speed(thinking, output.tokenizer, prompts, COST_NEW_TOKENS)},
                       "scoring": {"without_thoughts": scoring_speed(output.model, output.tokenizer, prompts),
                                   "with_thoughts": scoring_speed(thinking, output.tokenizer, prompts)}},
             "seconds": round(time.perf_counter() - run_started, 1),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import time
 from collections.abc import Iterator, Sequence
 import torch
 
@@ -262,3 +263,42 @@ def choice_loglikelihoods(model, tokenizer, examples: Sequence[Example], batch_s
     ]
     scores = iter(_continuation_logprobs(model, requests, batch_size))
     return [[next(scores) for _ in example.choices] for example in examples]
+
+
+# --- speed ------------------------------------------------------------------------------------------------
+
+
+def timed_tokens(run) -> dict:
+    """Tokens per second of run() (which returns the tokens it processed), after one untimed call that warms
+    the kernels and caches up."""
+    run()
+    started = time.perf_counter()
+    tokens = run()
+    seconds = time.perf_counter() - started
+    return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_second": round(tokens / seconds, 1)}
+
+
+@torch.no_grad()
+def generation_speed(model, tokenizer, prompts: Sequence[str], new_tokens: int) -> dict:
+    """New tokens per second of greedy generation: one left-padded batch, exactly new_tokens each, no stop."""
+    encoded = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
+
+    def run() -> int:
+        out = model.generate(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"], do_sample=False,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, tokenizer=tokenizer,
+                             pad_token_id=tokenizer.pad_token_id)
+        return (out.shape[1] - encoded["input_ids"].shape[1]) * len(prompts)
+
+    return timed_tokens(run)
+
+
+@torch.no_grad()
+def scoring_speed(model, tokenizer, texts: Sequence[str]) -> dict:
+    """Teacher-forced tokens per second: the likelihood of texts, one batch."""
+    encoded = tokenizer(list(texts), return_tensors="pt", padding=True)
+
+    def run() -> int:
+        model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
+        return int(encoded["attention_mask"].sum())
+
+    return timed_tokens(run)

@@ -18,13 +18,14 @@ from rich.table import Table
 from transformers import TextStreamer
 
 from shared.checkpoint import MANIFEST, load_checkpoint
+from shared.data.splits import FINAL
 from shared.evaluation import greedy_continuations
 from shared.fabric.cli import console, fail, find_run
 from shared.fabric.lineage import lineage, parse_reference, pick, read_archive, store_for
 from shared.fabric.phases import load_phase
 from shared.fabric.status_view import state_name
 from shared.fabric.transport import download_checkpoint
-from shared.phase import ForgedModel, as_measured, available_phases
+from shared.phase import ForgedModel, ProgressFn, as_measured, available_phases, no_progress, print_every_percent
 from shared.settings import Settings
 from shared.tool_runtime import first_stop, run_with_tools
 
@@ -182,7 +183,83 @@ def report_command(
     console.print(f"report of run {status.run_id}: {out}", highlight=False, soft_wrap=True)
 
 
+def _cognate_report(status) -> dict:
+    cognate = [done for done in status.completed_steps if done.phase == "cognate"]
+    if not cognate:
+        raise LookupError(f"run {status.run_id} has no Cognate step: its headline needs the models it started from")
+    return json.loads(cognate[0].report_json or "{}")
+
+
+def _contender(settings: Settings, chosen, name: str, folder: Path):
+    from shared.headline import Contender
+    from shared.report import model_bytes
+
+    store = store_for(settings, chosen.ref.uri)
+    path = folder / name
+    download_checkpoint(store, chosen.ref, path)
+    forged, _ = load_checkpoint(path)
+    return Contender(name, as_measured(forged), forged.tokenizer, model_bytes(read_archive(store, chosen.ref).sizes))
+
+
+def headline_contenders(settings: Settings, status, folder: Path) -> list:
+    """The run's final model, then the best Cognate specialist (by Cognate's own test-split mean task success,
+    never the final split) and Cognate's baselines among its outputs (the multitask model), loaded as
+    measured, each with its bytes on disk (shared.headline.Contender)."""
+    from shared.scorecard import MEAN_METRIC
+
+    report = _cognate_report(status)
+    cards = report.get("scorecard", {}).get("cards", {})
+    specialists = [name for name in report.get("speciality", {}) if name in cards]
+    if not specialists:
+        raise LookupError(f"run {status.run_id}'s Cognate step scored no specialists: no headline to measure")
+    best = max(specialists, key=lambda name: cards[name]["metrics"][MEAN_METRIC]["value"])
+    made = {ref.name for done in status.completed_steps if done.phase == "cognate" for ref in done.outputs}
+    baselines = [name for name in report["scorecard"].get("baselines", []) if name in made]
+    final = pick(status)
+    return [_contender(settings, final, f"{final.ref.name} (forged)", folder),
+            *(_contender(settings, pick(status, "cognate", name), name, folder) for name in [best, *baselines])]
+
+
+def run_headline(settings: Settings, status, split: str, progress: ProgressFn = no_progress) -> dict:
+    """The run's headline (shared.headline.measure) on `split`."""
+    from shared.headline import measure
+
+    with tempfile.TemporaryDirectory() as folder:
+        return measure(headline_contenders(settings, status, Path(folder)), split, progress=progress)
+
+
+def show_headline(settings: Settings, status, split: str = FINAL) -> None:
+    """Measure and print a run's headline, and keep it as JSON beside the run's reports."""
+    from shared.headline import table_lines
+
+    console.print(f"measuring the headline on the {split} split (the forged model against the models it started from)")
+    headline = run_headline(settings, status, split, print_every_percent(lambda line: console.print(line, highlight=False)))
+    out = settings.local_store / "reports" / f"{status.run_id}-headline-{split}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(headline, indent=1))
+    console.print("\n".join(table_lines(headline)), highlight=False, soft_wrap=True, markup=False)
+    console.print(f"headline of run {status.run_id} ({split} split): {out}", highlight=False, soft_wrap=True)
+
+
+def headline_command(
+    run_id: Annotated[str, typer.Argument(help="The run to measure.")],
+    split: Annotated[str, typer.Option(help="final (the sealed split, read only here and by the headline "
+                                            "benchmark) or test (development).")] = FINAL,
+) -> None:
+    """The run's final model against the best specialist and the multitask baseline it started from:
+    bytes, bits per byte and mean task success with 95% intervals, tokens per second, paired differences."""
+    if split not in (FINAL, "test"):
+        raise fail(f"the headline reads the final split, or the test split for development; not {split!r}")
+    settings = Settings()
+    status = find_run(settings, run_id)
+    try:
+        show_headline(settings, status, split)
+    except LookupError as error:
+        raise fail(str(error)) from error
+
+
 def register_checkpoint_commands(app: typer.Typer) -> None:
+    app.command("headline")(headline_command)
     app.command("lineage")(lineage_command)
     app.command("generate")(generate_command)
     app.command("report")(report_command)

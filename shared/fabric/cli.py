@@ -351,7 +351,16 @@ def run_here(settings: Settings, pipeline: pipeline_pb2.PipelineSpec, run_id: st
     return status
 
 
-def run(spec: SpecOption = None, preset: PresetOption = DEFAULT_PRESET, run_id: RunIdOption = "") -> None:
+def run(
+    spec: SpecOption = None,
+    preset: PresetOption = DEFAULT_PRESET,
+    run_id: RunIdOption = "",
+    headline: Annotated[bool, typer.Option(
+        "--headline/--no-headline",
+        help="End by measuring the final model against the best specialist and the multitask model on the final "
+             "split (`agentforge headline`); runs without Cognate's specialists skip it.",
+    )] = True,
+) -> None:
     """Run the whole pipeline in this process (embedded mode: local store, in-process bus)."""
     settings = Settings()
     pipeline = load_spec(spec, preset)
@@ -359,6 +368,13 @@ def run(spec: SpecOption = None, preset: PresetOption = DEFAULT_PRESET, run_id: 
     done = run_here(settings, pipeline, run_id)
     console.print(f"[green]run {done.run_id} completed[/green]")
     show_final_files(settings, done)
+    if headline:
+        from shared.fabric.checkpoint_cli import show_headline
+
+        try:
+            show_headline(settings, done)
+        except LookupError as error:
+            console.print(f"no headline: {error}", highlight=False, soft_wrap=True)
 
 
 def show_final_files(settings: Settings, status: RunStatus) -> None:

@@ -34,7 +34,8 @@ def smoke(tmp_path_factory):
     store = tmp_path_factory.mktemp("smoke") / "store"
     env = {"AGENTFORGE_MODE": "embedded", "AGENTFORGE_LOCAL_STORE": str(store),
            "AGENTFORGE_GRPC_ADDR": f"127.0.0.1:{free_port()}", "AGENTFORGE_OTLP_ENDPOINT": ""}
-    result = runner.invoke(_app(), ["run", "--preset", "smoke", "--run-id", RUN], env=env)
+    # The headline (the final split) is left out here: test_headline_* measures it on the test split.
+    result = runner.invoke(_app(), ["run", "--preset", "smoke", "--run-id", RUN, "--no-headline"], env=env)
     assert result.exit_code == 0, result.output
     settings = Settings(local_store=store)
     return env, result.output, RunArchive.from_settings(settings).load(RUN), settings
@@ -154,3 +155,63 @@ def test_report_renders_in_chromium_with_every_image_loaded(smoke, tmp_path):
     subprocess.run([*browse, "--window-size=1000,3000", f"--screenshot={shot}", page.as_uri()], capture_output=True,
                    timeout=120, check=True)
     assert shot.stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def smoke_headline(smoke):
+    """`agentforge headline` on the smoke run, on the test split: its output and the JSON it kept."""
+    env, _, status, settings = smoke
+    code, out = invoke(env, "headline", RUN, "--split", "test")
+    assert code == 0, out
+    return out, json.loads((settings.local_store / "reports" / f"{RUN}-headline-test.json").read_text())
+
+
+def test_headline_compares_the_final_model_with_the_best_specialist_and_the_multitask_model(smoke, smoke_headline):
+    env, _, status, settings = smoke
+    out, headline = smoke_headline
+    report = json.loads(status.completed_steps[0].report_json)
+    cards = report["scorecard"]["cards"]
+    best = max(report["speciality"], key=lambda name: cards[name]["metrics"]["tasks.mean_task_success"]["value"])
+    (final,) = status.outputs
+    names = [model["name"] for model in headline["models"]]
+    assert names == [f"{final.name} (forged)", best, "multitask"]
+    assert headline["split"] == "test" and headline["reader"] is None
+    forged, specialist = headline["models"][0], headline["models"][1]
+    # The compressed ternary model is smaller on disk than the float specialist it started from.
+    assert forged["bytes"] < specialist["bytes"] and specialist["bytes_over_forged"] > 1
+    assert all(model["speed"]["tokens_per_second"] > 0 for model in headline["models"])
+    for name in names[1:]:
+        comparison = headline["comparisons"][name]
+        assert comparison["relation"] in ("dominates", "dominated", "incomparable", "indistinguishable")
+        difference = comparison["metrics"]["tasks.mean_task_success"]["difference"]
+        expected = forged["metrics"]["tasks.mean_task_success"]["value"] - next(
+            m for m in headline["models"] if m["name"] == name)["metrics"]["tasks.mean_task_success"]["value"]
+        assert difference == pytest.approx(expected)
+    assert "| model | bytes on disk |" in out and f"| {best} |" in out and "Pareto relation" in out
+
+    code, refused = invoke(env, "headline", RUN, "--split", "validation")
+    assert code != 0 and "not 'validation'" in " ".join(refused.split())
+
+
+def test_compute_matched_baseline_trains_the_pipelines_tokens_and_fits_the_final_bytes(smoke, smoke_headline, tmp_path):
+    from bench.headline import compute_matched, tokens_after
+    from bench.readme import render_headline
+    from shared.fabric.checkpoint_cli import headline_contenders
+    from shared.phase import no_progress
+
+    _, _, status, settings = smoke
+    forged, best, _ = headline_contenders(settings, status, tmp_path)
+    matched, record = compute_matched(status, best, forged.bytes, no_progress)
+    assert record["pipeline_tokens"] == tokens_after(status, best.name) > 0
+    # Steps sized by the multitask model's tokens per step: the tokens trained match the pipeline's closely.
+    assert record["trained_tokens"] == pytest.approx(record["pipeline_tokens"], rel=0.1)
+    assert [m.name for m in matched] == ["compute-matched RTN", "compute-matched HQQ"]
+    for contender in matched:
+        assert contender.bytes <= forged.bytes and contender.bytes_how == f"formula, {record['nbits']}-bit group 32"
+        # Every matrix holds at most 2^b distinct values per group of 32 after quantization.
+        weight = contender.model.model.layers[0].mlp.down_proj.weight.detach().reshape(-1, 32)
+        assert max(len(set(row.tolist())) for row in weight) <= 2 ** record["nbits"]
+    # The README renderer takes a seed's record as the benchmark writes it.
+    block = render_headline({"command": "python -m bench.headline",
+                             "seeds": {"0": {"seed": 0, "headline": smoke_headline[1], "compute_matched": record}}})
+    assert "| model | bytes |" in block and "better in" in block and f"{record['trained_tokens']:,} tokens" in block
