@@ -1,17 +1,18 @@
-"""Final compression at tiny scale: the phase on its defaults (SeedLM C = 8, P = 3: 4 bits a weight) and on
-the paper's other setting (C = 12, P = 4: 3 bits a weight), on the same ternary input.
+"""Final compression at tiny scale, on the same ternary input: the phase on its defaults (VQ v = 4 with 2^8 + 2^7
+entries: 3.97 bits a weight on the tiny embedding; SeedLM C = 8, P = 3: 4 bits) and at about 3 bits (VQ with
+2^8 + 2^3 entries: 2.94 bits; SeedLM's other setting, C = 12, P = 4: 3 bits).
 
     .venv/bin/python -m bench.compression                    # a stand-in input (bench.stand_in)
     .venv/bin/python -m bench.compression --checkpoint DIR   # on ADAS's (or BitNet's) output from a run instead
 
 The phase report holds every number: each stage's gate on validation, the file's bytes part by part, the
-ternary weights' bits (base-3, range-coded, entropy bound), SeedLM's reconstruction error beside
-round-to-nearest's and HQQ's at the same bits per weight, and the test scorecard of the input, the model
-rebuilt from the compressed file, and both baselines (paired), and the GGUF's agreement with our model in
-llama.cpp. Then llama.cpp's prefill and decode speed on the first setting's output, its ternary GGUF against
-the same model's F16 GGUF, in this one run (when llama-cpp-python is installed; else the file says why not).
-This script keeps what the README shows in bench/results/compression.json, from which bench.readme writes
-the README block.
+ternary weights' bits (base-3, range-coded, entropy bound), each coder's (SeedLM's, VQ's) reconstruction
+error beside round-to-nearest's and HQQ's at the same bits per weight (no fewer, for VQ), and the test scorecard
+of the input, the model rebuilt from the compressed file, each rolled-back coder's candidate and the baselines
+(paired), and the GGUF's agreement with our model in llama.cpp. Then llama.cpp's prefill and decode speed on the
+first setting's output, its ternary GGUF against the same model's F16 GGUF, in this one run (when
+llama-cpp-python is installed; else the file says why not). This script keeps what the README shows in
+bench/results/compression.json, from which bench.readme writes the README block.
 """
 from __future__ import annotations
 
@@ -31,13 +32,15 @@ from shared.scorecard import comparison_figures, text_blocks, without_items
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "compression.json"
 PROMPT_TOKENS, NEW_TOKENS = 128, 64
-SETTINGS = {"4 bits (C 8, P 3)": {}, "3 bits (C 12, P 4)": {"seedlm": {"block": 12, "coefficients": 4}}}
+SETTINGS = {"4 bits (VQ v 4, 2^8 + 2^7 entries; SeedLM C 8, P 3)": {},
+            "3 bits (VQ v 4, 2^8 + 2^3 entries; SeedLM C 12, P 4)": {"vq": {"residual_bits": 3},
+                                                                 "seedlm": {"block": 12, "coefficients": 4}}}
 cli = typer.Typer(add_completion=False)
 
 
 def _kept(report: dict) -> dict:
-    kept = {key: report[key] for key in ("seedlm", "entropy", "stages", "sizes", "rebuilt_logits_max_abs_diff",
-                                         "seedlm_against_baselines", "gguf", "summary")}
+    kept = {key: report[key] for key in ("seedlm", "vq", "entropy", "stages", "sizes", "rebuilt_logits_max_abs_diff",
+                                         "against_baselines", "gguf", "summary") if key in report}
     kept["against_input"] = {name: comparison_figures(c) for name, c in report["against_input"].items()}
     kept["cards"] = {name: without_items(card) for name, card in report["scorecard"]["cards"].items()}
     return kept

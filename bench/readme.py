@@ -504,6 +504,31 @@ def render_adas(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+CODER_NAMES = {"seedlm": "SeedLM", "vq": "VQ"}
+
+
+def _coder_rows(label: str, coder: str, found: dict) -> list[list[str]]:
+    """One row a matrix: a coder's bits on disk and formula, its weight (and, for VQ, layer-output) relative
+    error beside the baselines' at no fewer bits, encoding time and exact decoding."""
+    baselines = found["baselines"]
+    rows = []
+    for key, tensor in found["tensors"].items():
+        error, output = tensor["relative_error"], tensor.get("output_relative_error")
+        rows.append([label, CODER_NAMES[coder], f"{key} {tuple(tensor['shape'])}",
+                     f"{tensor['payload_bits_per_weight']:.3f} / {tensor['formula_bits_per_weight']:.3f}",
+                     f"{baselines['nbits']}-bit, groups of {baselines['group']}: {baselines['bits_per_weight']:g}",
+                     *(f"{error[name]:.4f}" for name in (coder, "rtn", "hqq")),
+                     " / ".join(f"{output[name]:.4f}" for name in (coder, "rtn", "hqq")) if output else "-",
+                     f"{found['encode_s']:.0f} s", "yes" if tensor["decode_is_exact"] else "no"])
+    return rows
+
+
+def _kept(stage: dict) -> str:
+    if "skipped" in stage:
+        return f"skipped: {stage['skipped']}"
+    return "yes" if stage["passed"] else "no, rolled back"
+
+
 def render_compression(results: dict[str, Any]) -> str:
     runs = results["runs"]
     first = next(iter(runs.values()))
@@ -511,20 +536,19 @@ def render_compression(results: dict[str, Any]) -> str:
     lines = [
         f"From `{results['command']}` (input: {results['input']}). Stages {', '.join(config['stages'])}; the gate "
         f"rolls a stage back past a drop of {config['max_task_success_drop']} in validation mean task success or a "
-        f"rise of {config['max_bits_per_byte_rise']} in validation bits per byte. Two SeedLM settings, the "
-        f"paper's: {', '.join(runs)}.",
+        f"rise of {config['max_bits_per_byte_rise']} in validation bits per byte. Two settings: {'; '.join(runs)}.",
         "",
         "Where the bytes are, measured on the files (bytes):",
         "",
     ]
     parts = (("ternary_range_coded", "ternary codes, range-coded"), ("ternary_packed", "ternary codes, base-3"),
-             ("ternary_scales", "ternary scales"), ("seedlm", "float matrices, SeedLM"),
+             ("ternary_scales", "ternary scales"), ("seedlm", "float matrices, SeedLM"), ("vq", "float matrices, VQ"),
              ("float16", "float matrices, float16"), ("other_tensors", "other tensors (float32)"), ("header_bytes", "header"))
     packed = first["sizes"]["input_packed"]
     rows = [["input: packed BitNet file (base-3)", *([""] * len(parts)), f"{packed['file_bytes']:,}", "1.00"]]
     for label, run in runs.items():
         sizes = run["sizes"]["compressed"]
-        rows.append([f"compressed, SeedLM {label}", *(f"{sizes[key]:,}" for key, _ in parts), f"{sizes['file_bytes']:,}",
+        rows.append([f"compressed, {label}", *(f"{sizes[key]:,}" for key, _ in parts), f"{sizes['file_bytes']:,}",
                      f"{run['sizes']['ratio']:.2f}"])
     lines += _table(["file", *(name for _, name in parts), "total", "input / file"], rows)
     entropy = first["entropy"]["all_layers"]
@@ -532,54 +556,53 @@ def render_compression(results: dict[str, Any]) -> str:
               f"{entropy['base3_bits_per_weight']:.4f} bits a weight, range-coded {entropy['range_coded_bits_per_weight']:.4f} "
               f"(counts and the coder's last word included), the entropy of each layer's trits "
               f"{entropy['entropy_bits_per_weight']:.4f}; every coded layer decodes to exactly its trits.", "",
-              "SeedLM against the baselines on the same matrices at the same bits per weight (weight reconstruction, "
-              "relative squared error), and each stage's gate on validation:", ""]
-    rows = []
-    for label, run in runs.items():
-        seedlm = run["seedlm"]
-        baselines = seedlm["baselines"]
-        for key, tensor in seedlm["tensors"].items():
-            error = tensor["relative_error"]
-            rows.append([label, f"{key} {tuple(tensor['shape'])}", f"{tensor['payload_bits_per_weight']:.3f}",
-                         f"{error['seedlm']:.4f}", f"{error['rtn']:.4f}", f"{error['hqq']:.4f}",
-                         f"{baselines['nbits']}-bit, groups of {baselines['group']}", f"{seedlm['encode_s']:.0f} s",
-                         "yes" if tensor["decode_is_exact"] else "no"])
-    lines += _table(["SeedLM", "matrix", "bits/weight on disk", "SeedLM", "round-to-nearest", "HQQ", "baselines",
-                     "encode", "decode exact"], rows)
+              "Each coder against the baselines on the same matrices, the baselines at the same bits per weight (at "
+              "the least setting of no fewer bits for VQ, whose codebooks add a fraction no setting hits): relative "
+              "squared error of the weights, and for VQ also of the layer's outputs on its calibration inputs "
+              "(VQ / round-to-nearest / HQQ); then each stage's gate on validation:", ""]
+    rows = [row for label, run in runs.items() for coder in CODER_NAMES if coder in run
+            for row in _coder_rows(label.split(" (")[0], coder, run[coder])]
+    lines += _table(["setting", "coder", "matrix", "bits/weight on disk / formula", "baselines: bits/weight", "coder",
+                     "round-to-nearest", "HQQ", "output error", "encode", "decode exact"], rows)
     lines += [""]
-    lines += _table(["SeedLM", "stage", "validation task success drop", "validation bits/byte rise", "file bytes with / without",
-                     "kept"],
-                    [[label, s["stage"], f"{s['measured']['task_success_drop']:+.4f}" if "measured" in s else "-",
+    lines += _table(["setting", "stage", "validation task success drop", "validation bits/byte rise",
+                     "file bytes with / without", "kept"],
+                    [[label.split(" (")[0], s["stage"], f"{s['measured']['task_success_drop']:+.4f}" if "measured" in s else "-",
                       f"{s['measured'].get('bits_per_byte_rise', float('nan')):+.4f}" if "measured" in s else "-",
                       f"{s['file_bytes']['with']:,} / {s['file_bytes']['without']:,}" if "file_bytes" in s else "-",
-                      "yes" if s["passed"] else "no, rolled back"] for label, run in runs.items() for s in run["stages"]])
+                      _kept(s)] for label, run in runs.items() for s in run["stages"]])
     columns = (TEXT, *TASK_COLUMNS)
     lines += ["", "Test split, 300 problems a task, each cell the value and its 95% interval: the input, the model "
-              "rebuilt from the compressed file alone, and the input with its float matrices quantized by each "
-              "baseline at the same bits per weight.", ""]
-    names = {"output": "compressed file, rebuilt", "seedlm": "SeedLM (rolled back)", "rtn": "round-to-nearest",
-             "hqq": "HQQ"}
+              "rebuilt from the compressed file alone, each coder's rolled-back candidate, and the input with its "
+              "float matrices quantized by each baseline.", ""]
+    names = {"output": "compressed file, rebuilt", "seedlm": "SeedLM (rolled back)", "vq": "VQ (rolled back)"}
+    baseline_names = {"rtn": "round-to-nearest", "hqq": "HQQ"}
     cards = [("input", first["cards"]["input"])]
     for label, run in runs.items():
-        cards += [(f"{names[name]}, {label.split(' (')[0]}", card) for name, card in run["cards"].items() if name != "input"]
+        for name, card in run["cards"].items():
+            if name in names:
+                cards.append((f"{names[name]}, {label.split(' (')[0]}", card))
+            elif name != "input":  # a baseline: "rtn 4 bits"
+                method, bits = name.split(" ", 1)
+                cards.append((f"{baseline_names[method]}, {bits}", card))
     lines += _table(["model", *(name for _, name in columns)],
                     [[name, *(_interval(card["metrics"][m]) if m in card["metrics"] else "-" for m, _ in columns)]
                      for name, card in cards])
     lines += ["", "Paired differences (95% intervals):", ""]
     rows = []
     for label, run in runs.items():
-        rows.append([f"compressed minus input, {label}",
+        setting = label.split(" (")[0]
+        rows.append([setting, "compressed minus input",
                      *(_difference(run["against_input"]["output"]["metrics"][m]) for m in (TEXT[0], "tasks.mean_task_success")),
                      run["against_input"]["output"]["relation"]])
-        versus = run["seedlm_against_baselines"]
-        for baseline in ("rtn", "hqq"):
-            rows.append([f"SeedLM minus {baseline}, {label}",
-                         *(_difference(versus[baseline][m]) for m in (TEXT[0], "tasks.mean_task_success")),
-                         "better" if all(versus[baseline][m]["verdict"] != "worse" for m in versus[baseline])
-                         and any(versus[baseline][m]["verdict"] == "better" for m in versus[baseline])
-                         else "worse" if any(versus[baseline][m]["verdict"] == "worse" for m in versus[baseline])
-                         else "tied"])
-    lines += _table(["comparison", "bits/byte", "mean task success", "verdict"], rows)
+        for coder, versus in run["against_baselines"].items():
+            kept = "" if versus["card"] == "output" else " (rolled back)"
+            for baseline, card_name in versus["baselines"].items():
+                verdicts = [versus[baseline][m]["verdict"] for m in versus[baseline]]
+                rows.append([setting, f"{CODER_NAMES[coder]}{kept} minus {baseline_names[baseline]} at {card_name.split(' ', 1)[1]}",
+                             *(_difference(versus[baseline][m]) for m in (TEXT[0], "tasks.mean_task_success")),
+                             "worse" if "worse" in verdicts else "better" if "better" in verdicts else "tied"])
+    lines += _table(["setting", "comparison", "bits/byte", "mean task success", "verdict"], rows)
     gguf = first["gguf"]
     llama = gguf["llama_cpp"]
     agreement = (f"llama.cpp's next-token logits against ours on {llama['positions']:,} positions of test text: top-1 "

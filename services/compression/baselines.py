@@ -4,6 +4,9 @@ of g consecutive weights of a row:
 
     bits per weight = b + 32 / g         SeedLM's 4 bits: b = 3, g = 32;   its 3 bits: b = 2, g = 32
 
+A coder whose bits per weight no such setting hits (VQ's codebooks add a fraction that depends on the matrix's
+size) is compared with the setting of least bits at or above its own: the baselines never get fewer bits.
+
 Round-to-nearest takes each group's min and max; HQQ optimises the zero point (and scale) of each group by
 its half-quadratic solver, calibration-free. Both have their scale and zero rounded to float16 before
 dequantizing, so the weights compared are the ones the counted bits hold.
@@ -24,6 +27,12 @@ def equal_bits_setting(bits_per_weight: float) -> tuple[int, int]:
     nbits = math.ceil(bits_per_weight) - 1
     if nbits < 1 or not math.isclose(nbits + PER_GROUP_BITS / GROUP, bits_per_weight):
         raise ValueError(f"no b-bit, group-{GROUP} setting has exactly {bits_per_weight} bits a weight")
+    return nbits, GROUP
+
+
+def bits_setting_at_least(bits_per_weight: float) -> tuple[int, int]:
+    """(b, g) with the least b + 32 / g at or above bits_per_weight (equal to it where one is)."""
+    nbits = max(1, math.ceil(bits_per_weight - PER_GROUP_BITS / GROUP))
     return nbits, GROUP
 
 

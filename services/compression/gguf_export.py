@@ -15,16 +15,17 @@ an RMSNorm with its own gain before every projection instead (shared.ternary.bit
 - approximate: our 8-bit per-token absmax activations. llama.cpp quantizes activations per block of 32
   (Q8_0, for the Q4_0 matrices) or 256 (Q8_K, for TQ2_0), or not at all (F16).
 
-The ternary matrices go in TQ2_0 (2.0625 bits a weight, rows in blocks of 256) where a row's length is a
-multiple of 256, else in Q4_0 with a block scale of exactly 1 (4.5 bits a weight, blocks of 32): the tiny
-preset's 128- and 384-wide rows fit no ternary type. Either way the codes are stored exactly and the scale
-tensor holds the rest. `export_gguf(..., ternary=False)` writes the same graph in F16 (weights = codes x
-scale) for the speed comparison. The token embedding is F16 in both; norms F32.
+The ternary matrices go in TQ2_0 (2.0625 bits a weight, rows in blocks of 256; or TQ1_0, 1.6875 bits, with
+`ternary_type="TQ1_0"`) where a row's length is a multiple of 256, else in Q4_0 with a block scale of exactly 1
+(4.5 bits a weight, blocks of 32): the tiny preset's 128- and 384-wide rows fit no ternary type. Either way the
+codes are stored exactly and the scale tensor holds the rest. `export_gguf(..., ternary=False)` writes the same
+graph in F16 (weights = codes x scale) for the speed comparison. The token embedding is F16 in both; norms F32.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import gguf
 import numpy as np
@@ -49,10 +50,11 @@ def _q4_0_exact(codes: np.ndarray) -> np.ndarray:
     return np.concatenate([d, nibbles], axis=-1).reshape(rows, -1)
 
 
-def _ternary_tensor(codes: np.ndarray) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+def _ternary_tensor(codes: np.ndarray, ternary_type: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
     columns = codes.shape[1]
     if columns % TQ_BLOCK == 0:
-        return gguf.quants.quantize(codes.astype(np.float32), gguf.GGMLQuantizationType.TQ2_0), gguf.GGMLQuantizationType.TQ2_0
+        kind = gguf.GGMLQuantizationType[ternary_type]
+        return gguf.quants.quantize(codes.astype(np.float32), kind), kind
     if columns % Q4_BLOCK == 0:
         return _q4_0_exact(codes), gguf.GGMLQuantizationType.Q4_0
     raise ValueError(f"rows of {columns} weights fit neither TQ2_0 (blocks of {TQ_BLOCK}) nor Q4_0 ({Q4_BLOCK})")
@@ -69,7 +71,8 @@ def _shared_gain(layers: list) -> tuple[torch.Tensor, list[float]]:
     return shared, means
 
 
-def export_gguf(model, tokenizer, path: str | Path, *, ternary: bool = True) -> dict:
+def export_gguf(model, tokenizer, path: str | Path, *, ternary: bool = True,
+                ternary_type: Literal["TQ2_0", "TQ1_0"] = "TQ2_0") -> dict:
     """Write the model as a GGUF llama.cpp runs; returns the type of every matrix and the approximations."""
     config = model.config
     writer = gguf.GGUFWriter(str(path), ARCH)
@@ -84,7 +87,7 @@ def export_gguf(model, tokenizer, path: str | Path, *, ternary: bool = True) -> 
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_TQ2_0 if ternary else gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{ternary_type}"] if ternary else gguf.LlamaFileType.MOSTLY_F16)
     _add_tokenizer(writer, tokenizer)
 
     types = {}
@@ -100,13 +103,14 @@ def export_gguf(model, tokenizer, path: str | Path, *, ternary: bool = True) -> 
             gain = block_norm.weight.detach()
             writer.add_tensor(f"blk.{i}.{norm_name}.weight", _f32(gain / gain.pow(2).mean().sqrt() * shared))
             for name, mean in zip(first, means, strict=True):
-                types[f"blk.{i}.{group[name]}"] = _add_projection(writer, f"blk.{i}.{group[name]}", getattr(modules, name), mean, ternary)
+                types[f"blk.{i}.{group[name]}"] = _add_projection(writer, f"blk.{i}.{group[name]}", getattr(modules, name),
+                                                                  mean, ternary, ternary_type)
         for name, sub_norm in (("o_proj", "attn_sub_norm"), ("down_proj", "ffn_sub_norm")):
             modules = block.self_attn if name == "o_proj" else block.mlp
             layer = getattr(modules, name)
             group = ATTENTION if name == "o_proj" else MLP
             writer.add_tensor(f"blk.{i}.{sub_norm}.weight", _f32(layer.rms_norm.weight))
-            types[f"blk.{i}.{group[name]}"] = _add_projection(writer, f"blk.{i}.{group[name]}", layer, 1.0, ternary)
+            types[f"blk.{i}.{group[name]}"] = _add_projection(writer, f"blk.{i}.{group[name]}", layer, 1.0, ternary, ternary_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -119,14 +123,14 @@ def export_gguf(model, tokenizer, path: str | Path, *, ternary: bool = True) -> 
                             "8-bit per token", "token embedding in F16"]}
 
 
-def _add_projection(writer, name: str, layer, gain_mean: float, ternary: bool) -> str:
+def _add_projection(writer, name: str, layer, gain_mean: float, ternary: bool, ternary_type: str) -> str:
     """One projection: its ternary codes (or F16 weights) and its scale, gain_mean / s_w."""
     codes, s_w = ternarize(layer.weight.detach())
     scale = gain_mean / float(s_w)
     if not ternary:
         writer.add_tensor(f"{name}.weight", (codes.float() * scale).numpy().astype(np.float16))
         return "F16"
-    data, kind = _ternary_tensor(codes.numpy())
+    data, kind = _ternary_tensor(codes.numpy(), ternary_type)
     writer.add_tensor(f"{name}.weight", data, raw_shape=data.shape, raw_dtype=kind)
     writer.add_tensor(f"{name}.scale", np.array([scale], dtype=np.float32))
     return kind.name
