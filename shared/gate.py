@@ -18,7 +18,16 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from shared.phase import ForgedModel, ProgressFn, as_measured, no_progress
 from shared.scorecard import HEADLINE_TASKS, MEAN_METRIC, ScorecardSpec, lower_is_better, score
 
+# A drop equal to its limit passes; a mean of proportions minus another carries float rounding (6 problems in
+# 300 come out as 0.0200000000000018), which must not turn "exactly at the limit" into "beyond it".
+ROUNDING_SLACK = 1e-9
+
 GATE_SCORECARD = ScorecardSpec(split="validation", tasks=tuple((suite, level, 100) for suite, level, _ in HEADLINE_TASKS))
+
+
+def beyond(change: float, limit: float) -> bool:
+    """Whether a measured drop (or rise) exceeds its limit, float rounding aside."""
+    return change > limit + ROUNDING_SLACK
 
 
 class GateError(ValueError):
@@ -70,7 +79,7 @@ def verdict(gate: Gate, inputs: dict[str, float], outputs: list[ForgedModel],
         value = _value(score(as_measured(forged), forged.tokenizer, gate.scorecard, progress), gate, forged.name)
         drop = None if best is None else (value - best if lower else best - value)
         measured[forged.name] = {"value": value, "drop": drop}
-        if gate.max_drop is not None and drop > gate.max_drop:
+        if gate.max_drop is not None and beyond(drop, gate.max_drop):
             failures.append(f"{forged.name}: {gate.metric} {value:.4f} dropped {drop:.4f} from the best input's "
                             f"{best:.4f}, more than the gate's {gate.max_drop}")
         if gate.floor is not None and (value > gate.floor if lower else value < gate.floor):

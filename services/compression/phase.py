@@ -61,6 +61,7 @@ from services.compression.llama_cpp_check import agreement, llama_cpp_available
 from services.compression.seedlm import SeedLMShape
 from services.compression.vq import VQShape, input_hessians
 from shared.data.skills import skill_rows
+from shared.gate import beyond
 from shared.phase import ForgedModel, Phase, PhaseConfig, PhaseResult, ProgressFn, no_progress, one_ternary_model
 from shared.scorecard import (HEADLINE_TASKS, MEAN_METRIC, TEXT_METRIC, ScorecardSpec, compare, paired_difference,
                               headline_figures, report_section, score, text_blocks)
@@ -229,10 +230,10 @@ class CompressionPhase(Phase):
     def _gate(self, card: dict, reference: dict, config: CompressionConfig) -> dict:
         drop = reference["metrics"][MEAN_METRIC]["value"] - card["metrics"][MEAN_METRIC]["value"]
         measured = {"task_success_drop": drop}
-        passed = drop <= config.max_task_success_drop
+        passed = not beyond(drop, config.max_task_success_drop)
         if TEXT_METRIC in card["metrics"]:
             measured["bits_per_byte_rise"] = card["metrics"][TEXT_METRIC]["value"] - reference["metrics"][TEXT_METRIC]["value"]
-            passed = passed and measured["bits_per_byte_rise"] <= config.max_bits_per_byte_rise
+            passed = passed and not beyond(measured["bits_per_byte_rise"], config.max_bits_per_byte_rise)
         return {"passed": passed, "measured": measured,
                 "tolerance": {"task_success_drop": config.max_task_success_drop,
                               "bits_per_byte_rise": config.max_bits_per_byte_rise}}

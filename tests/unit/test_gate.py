@@ -19,7 +19,7 @@ from shared.fabric.memory_bus import InMemoryBus
 from shared.fabric.status_view import fold
 from shared.fabric.topics import Topics
 from shared.fabric.tracing import tracer_provider
-from shared.gate import Gate, GateError, input_values, verdict
+from shared.gate import Gate, GateError, beyond, input_values, verdict
 from shared.localinfra.ports import free_port
 from shared.scorecard import MEAN_METRIC, TEXT_METRIC, ScorecardSpec, score
 from shared.settings import Settings
@@ -48,6 +48,12 @@ def test_a_gate_needs_a_bound_and_a_metric_its_scorecard_has(seeded):
         verdict(Gate(metric="sequence.1.task_success", floor=0.1, scorecard=CARD), {}, [forged])
     with pytest.raises(GateError, match="has none"):
         input_values(Gate(max_drop=0.1, scorecard=CARD), [])
+
+
+def test_a_drop_exactly_at_the_limit_passes_despite_float_rounding():
+    drop = 15 / 300 - 9 / 300  # six problems in 300: 0.020000000000000004 in floats
+    assert drop > 0.02 and not beyond(drop, 0.02)
+    assert beyond(16 / 300 - 9 / 300, 0.02)  # seven problems are beyond it
 
 
 def test_drops_follow_the_metrics_direction_against_the_best_input(seeded):
