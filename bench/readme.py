@@ -16,6 +16,7 @@ edited by hand or drift from the runs.
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -656,8 +657,7 @@ def render_headline(results: dict[str, Any]) -> str:
 
     def spread(pick) -> str:
         figures = [pick(record) for record in records]
-        mean = sum(figures) / len(figures)
-        sd = (sum((f - mean) ** 2 for f in figures) / (len(figures) - 1)) ** 0.5 if len(figures) > 1 else 0.0
+        mean, sd = statistics.mean(figures), statistics.stdev(figures) if len(figures) > 1 else 0.0
         return f"{mean:,.3f} ± {sd:,.3f}" if abs(mean) < 100 else f"{mean:,.0f} ± {sd:,.0f}"
 
     def model(record, name):

@@ -194,11 +194,12 @@ def _contender(settings: Settings, chosen, name: str, folder: Path):
     from shared.headline import Contender
     from shared.report import model_bytes
 
-    store = store_for(settings, chosen.ref.uri)
     path = folder / name
-    download_checkpoint(store, chosen.ref, path)
+    download_checkpoint(store_for(settings, chosen.ref.uri), chosen.ref, path)
     forged, _ = load_checkpoint(path)
-    return Contender(name, as_measured(forged), forged.tokenizer, model_bytes(read_archive(store, chosen.ref).sizes))
+    # The unpacked files are the archive's members: their sizes, without downloading the archive again.
+    sizes = {file.relative_to(path).as_posix(): file.stat().st_size for file in path.rglob("*") if file.is_file()}
+    return Contender(name, as_measured(forged), forged.tokenizer, model_bytes(sizes))
 
 
 def headline_contenders(settings: Settings, status, folder: Path) -> list:
