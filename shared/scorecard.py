@@ -26,15 +26,17 @@ incomparable (better somewhere, worse elsewhere) or indistinguishable.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
 import math
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared.comparison import percentile_interval, resample_indices
@@ -138,9 +140,60 @@ def _task_examples(spec: ScorecardSpec) -> dict[str, list[Example]]:
 # --- scoring ------------------------------------------------------------------------------------------
 
 
+# Cards measured in this process, by everything a card depends on (card_key). A phase scores its input, which
+# in one process (embedded mode) is the model the step before scored as its output: the same model under the
+# same spec gives the same card, so it is looked up instead of measured twice. Least recently used goes first.
+_CARDS: OrderedDict[str, dict[str, Any]] = OrderedDict()
+CARDS_KEPT = 64
+_PLAIN = (bool, int, float, str, type(None))
+_NOT_BEHAVIOUR = ("training", "name_or_path")
+
+
+def card_key(model, tokenizer, spec: ScorecardSpec) -> str:
+    """A digest of what a card depends on: the spec, the tokenizer, the model's class, structure, config and
+    each module's plain settings (flags; not the training mode, as every card is measured in eval mode, nor
+    the folder it was loaded from), and every parameter and buffer bit for bit."""
+    digest = hashlib.sha256(spec.model_dump_json().encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    digest.update((backend.to_str() if backend is not None else repr(tokenizer)).encode())
+    digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    for part in (type(model).__qualname__, str(model),
+                 getattr(model, "config", None), getattr(model, "generation_config", None)):
+        digest.update((part.to_json_string() if hasattr(part, "to_json_string") else str(part)).encode())
+    for name, module in model.named_modules(remove_duplicate=False):
+        settings = sorted((key, _setting(value)) for key, value in vars(module).items()
+                          if not key.startswith("_") and key not in _NOT_BEHAVIOUR)
+        digest.update(f"{name}:{type(module).__qualname__}:{settings}".encode())
+    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _setting(value) -> Any:
+    """A module attribute as the card key sees it: plain values and sequences as they are, objects by type."""
+    if isinstance(value, _PLAIN):
+        return value
+    return repr(value) if isinstance(value, (tuple, list)) else type(value).__qualname__
+
+
 def score(model, tokenizer, spec: ScorecardSpec, progress: ProgressFn = no_progress) -> dict[str, Any]:
-    """One model's card: its metrics with 95% intervals and the per-item results behind them (JSON)."""
+    """One model's card: its metrics with 95% intervals and the per-item results behind them (JSON). A card
+    this process already measured for the same model and spec is returned again (a copy), not remeasured."""
     check_readable(spec.split)
+    key = card_key(model, tokenizer, spec)
+    if key in _CARDS:
+        _CARDS.move_to_end(key)
+        progress(1.0, "scorecard: measured before in this process")
+        return copy.deepcopy(_CARDS[key])
+    card = _measure(model, tokenizer, spec, progress)
+    _CARDS[key] = copy.deepcopy(card)
+    while len(_CARDS) > CARDS_KEPT:
+        _CARDS.popitem(last=False)
+    return card
+
+
+def _measure(model, tokenizer, spec: ScorecardSpec, progress: ProgressFn) -> dict[str, Any]:
     items: dict[str, Any] = {}
     problems: dict[str, str] = {}
     steps = len(spec.tasks) + spec.text

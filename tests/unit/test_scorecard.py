@@ -2,6 +2,7 @@
 Pareto relation, the majority baseline, and the sealed final split."""
 from __future__ import annotations
 
+import copy
 import json
 import threading
 
@@ -79,6 +80,29 @@ def test_scoring_is_deterministic_and_leaves_the_model_as_it_was(model, tokenize
     assert score(model, tokenizer, SPEC) == card
     assert model.training
     model.eval()
+
+
+def test_a_model_scored_again_in_one_process_gets_its_card_back_and_any_change_is_measured(model, tokenizer):
+    def messages_of(scored_model, spec=SPEC) -> tuple[dict, list[str]]:
+        messages = []
+        return score(scored_model, tokenizer, spec, lambda fraction, message: messages.append(message)), messages
+
+    card = score(model, tokenizer, SPEC)
+    # The same weights in another object (a phase's input loaded from the step before's output): looked up.
+    again, messages = messages_of(copy.deepcopy(model))
+    assert again == card and again is not card and messages == ["scorecard: measured before in this process"]
+    again["metrics"].clear()  # a caller's change to its copy does not reach the kept card
+    assert messages_of(model)[0] == card
+    # One weight moved by 1e-6, a module setting changed, or another spec: measured afresh.
+    nudged = copy.deepcopy(model)
+    with torch.no_grad():
+        nudged.model.embed_tokens.weight[0, 0] += 1e-6
+    measured, messages = messages_of(nudged)
+    assert "scorecard: text" in messages and measured["items"]["text"] != card["items"]["text"]
+    flagged = copy.deepcopy(model)
+    flagged.model.layers[0].self_attn.scaling *= 2
+    assert "scorecard: text" in messages_of(flagged)[1]
+    assert "scorecard: text" in messages_of(model, SPEC.model_copy(update={"max_new_tokens": 5}))[1]
 
 
 def _synthetic(flags: dict[str, list[int]], text: tuple[list[float], list[int]] | None = None) -> dict:
