@@ -55,7 +55,7 @@ bench: venv
 	$(BIN)/agentforge infra up
 	eval "$$($(BIN)/agentforge infra env)" && $(BIN)/python -m bench.fabric
 
-## The whole pipeline timed embedded: the smoke preset and tiny (`make run`'s, long); bench/results/pipeline.json.
+## The whole pipeline timed embedded: the smoke preset and tiny (`make run`'s, 20 min); bench/results/pipeline.json.
 bench-pipeline: venv
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.readme
@@ -95,7 +95,7 @@ bench-compression: venv
 	$(BIN)/python -m bench.compression
 	$(BIN)/python -m bench.readme
 
-## The headline on the final split: the default pipeline on three seeds against its baselines (about 100 min a seed,
+## The headline on the final split: `make run`'s pipeline on three seeds against its baselines (about 25 min a seed,
 ## resumable; `python -m bench.headline --seeds N` runs one); bench/results/headline.json.
 bench-headline: venv
 	$(BIN)/python -m bench.headline

@@ -1,12 +1,12 @@
-"""The headline benchmark: the default pipeline's final model against what it started from, on the final split.
+"""The headline benchmark: `make run`'s final model against what it started from, on the final split.
 
-    .venv/bin/python -m bench.headline [--seeds 0 1 2] [--work DIR]    # about 100 minutes a seed on 2 cores
+    .venv/bin/python -m bench.headline [--seeds 0 1 2] [--work DIR]    # about 25 minutes a seed on 2 cores
     .venv/bin/python -m bench.headline --seeds 1                       # one seed; the others' figures are kept
 
-Per pipeline seed: the default pipeline (every phase on its defaults with that seed, what `make run` runs)
-embedded into its own store under --work, run id `headline-seed-N`, so an interrupted seed goes on from its
-last finished phase; then shared.headline on the final split, which only this benchmark and the pipeline's
-final report may unseal, for
+Per pipeline seed: `make run`'s pipeline (the `tiny` preset, shared/fabric/presets/tiny.yaml, with every
+phase's seed set to it) embedded into its own store under --work, run id `headline-seed-N`, so an
+interrupted seed goes on from its last finished phase; then shared.headline on the final split, which only
+this benchmark and the pipeline's final report may unseal, for
 
 - the final model (its bytes on disk: its smallest file that rebuilds it, the compressed file),
 - the best Cognate specialist (by Cognate's test-split mean task success) and the multitask baseline,
@@ -41,7 +41,7 @@ from services.compression.baselines import GROUP, baseline_bits_per_weight, hqq,
 from shared.data.skills import skill_rows
 from shared.data.splits import FINAL
 from shared.fabric.checkpoint_cli import headline_contenders
-from shared.fabric.cli import PIPELINE_ORDER, SpecFile, StepFile, checked_spec, run_here
+from shared.fabric.cli import DEFAULT_PRESET, SpecFile, checked_spec, run_here, spec_file
 from shared.headline import Contender, measure
 from shared.models import get_preset
 from shared.phase import print_every_percent
@@ -56,9 +56,11 @@ cli = typer.Typer(add_completion=False)
 
 
 def seed_spec(seed: int):
-    """The default pipeline with every phase's seed set."""
-    return checked_spec(SpecFile(name=f"default-seed-{seed}",
-                                 steps=[StepFile(phase=name, config={"seed": seed}) for name in PIPELINE_ORDER]))
+    """`make run`'s pipeline (the `tiny` preset) with every phase's seed set."""
+    spec = spec_file(None, DEFAULT_PRESET)
+    return checked_spec(SpecFile(name=f"{spec.name}-seed-{seed}",
+                                 steps=[step.model_copy(update={"config": {**step.config, "seed": seed}})
+                                        for step in spec.steps]))
 
 
 def _report(status, phase: str) -> dict:
@@ -144,7 +146,8 @@ def run_seed(seed: int, work: Path) -> dict[str, Any]:
     matched, matched_report = compute_matched(status, best, forged.bytes, progress)
     typer.echo(f"seed {seed}: the headline on the final split")
     headline = measure([*contenders, *matched], FINAL, READER, progress)
-    return {"seed": seed, "run_id": status.run_id, "pipeline_seconds": round(pipeline_seconds, 1),
+    return {"seed": seed, "preset": DEFAULT_PRESET, "run_id": status.run_id,
+            "pipeline_seconds": round(pipeline_seconds, 1),
             "compute_matched": matched_report, "headline": headline}
 
 

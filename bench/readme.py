@@ -86,9 +86,10 @@ def render(results: dict[str, Any]) -> str:
     columns = (TEXT, *TASK_COLUMNS)
     lines = [
         f"From `{results['command']}` ({n} pipeline seeds: {', '.join(map(str, seeds))}; every phase on its defaults, "
-        "the `tiny` preset). Each cell is the mean ± standard deviation over the seeds of one scorecard figure on "
-        "the test split: 300 problems a task, the same problems for every model and seed; tool use is the final "
-        "answer after the calculator ran the model's call. Each seed's 95% intervals are in the results file.",
+        "the `tiny` model, as the `full` preset runs them). Each cell is the mean ± standard deviation over the seeds "
+        "of one scorecard figure on the test split: 300 problems a task, the same problems for every model and "
+        "seed; tool use is the final answer after the calculator ran the model's call. Each seed's 95% intervals "
+        "are in the results file.",
         "",
         "Cognate (the untrained model, the majority answer of each task and the multitask baseline beside the "
         "models it hands on):",
@@ -632,13 +633,15 @@ def render_pipeline(results: dict[str, Any]) -> str:
     presets = results["presets"]
     names = [name for name in GOALS_S if name in presets] + sorted(set(presets) - set(GOALS_S))
     phases = [row["phase"] for row in presets[names[0]]["phases"]] if names else []
-    header = ["preset", "total", "goal", *phases]
+    header = ["preset", "total", "goal", *phases, "headline"]
     rows = [[name, f"{presets[name]['seconds'] / 60:.1f} min",
              f"{presets[name]['goal_seconds'] / 60:.0f} min {'met' if presets[name]['within_goal'] else 'missed'}",
-             *[f"{row['seconds']:.0f} s" for row in presets[name]["phases"]]] for name in names]
+             *[f"{row['seconds']:.0f} s" for row in presets[name]["phases"]],
+             f"{presets[name]['headline_seconds']:.0f} s"] for name in names]
     missing = [name for name in GOALS_S if name not in presets]
     lines = [f"From `python -m bench.pipeline` on {results['machine']['threads']} threads: each preset embedded "
-             "into a fresh store, wall clock, and each phase from its first event to its completion.", "",
+             "into a fresh store, then the headline `agentforge run` ends with (timed on the test split), wall "
+             "clock; each phase from its first event to its completion.", "",
              *_table(header, rows)]
     if missing:
         lines += ["", f"Not measured yet: {', '.join(missing)}."]
@@ -650,7 +653,7 @@ def render_headline(results: dict[str, Any]) -> str:
     seeds the forged model's paired interval is better or worse."""
     records = [results["seeds"][key] for key in sorted(results.get("seeds", {}), key=int)]
     if not records:
-        return ("Not measured yet: `make bench-headline` runs the default pipeline on three seeds and measures its "
+        return ("Not measured yet: `make bench-headline` runs `make run`'s pipeline on three seeds and measures its "
                 "final model on the final split against the best specialist, the multitask model and a "
                 "compute-matched baseline (bench/headline.py).")
     names = [model["name"] for model in records[0]["headline"]["models"]]
@@ -678,9 +681,9 @@ def render_headline(results: dict[str, Any]) -> str:
     matched = records[0]["compute_matched"]
     seeds = ", ".join(str(r["seed"]) for r in records)
     return "\n".join([
-        f"From `{results['command']}` ({len(records)} pipeline seeds: {seeds}; the default pipeline, every phase on "
-        "its defaults). Final split (read only here and by the pipeline's final report), 300 problems a task; "
-        "each cell the mean ± sd over the seeds. Bytes on disk are the smallest file that rebuilds the model; "
+        f"From `{results['command']}` ({len(records)} pipeline seeds: {seeds}; `make run`'s pipeline, the "
+        f"`{records[0]['preset']}` preset). Final split (read only here and by the pipeline's final report), "
+        "300 problems a task; each cell the mean ± sd over the seeds. Bytes on disk are the smallest file that rebuilds the model; "
         "the compute-matched baselines' bytes are by formula.", "",
         *_table(["model", "bytes", "× forged", "bits/byte", "mean task success", "tokens/s"], rows), "",
         f"{forged} against each model, by its paired 95% interval per seed:", "",

@@ -119,7 +119,8 @@ def main(
     started = time.perf_counter()
     records = [seed_record(seed, run_seed(seed, work / f"seed-{seed}")) for seed in seeds]
     result = {
-        "what": "Cognate -> EvoMerge -> BitNet on their defaults (tiny preset), scored on the shared scorecard, test split",
+        "what": "Cognate -> EvoMerge -> BitNet on their defaults (the tiny model, as the full preset runs them), "
+                "scored on the shared scorecard, test split",
         "command": "python -m bench.seeds --seeds " + " ".join(map(str, seeds)),
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "torch": torch.__version__, "threads": torch.get_num_threads()},

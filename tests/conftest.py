@@ -40,7 +40,7 @@ def micro_bitnet(small_corpus):
 
 @pytest.fixture(scope="session")
 def tiny_cognate():
-    """Cognate on its defaults, as `make run` trains it (about 5 minutes): the base and three specialists
+    """Cognate on its defaults, as `make run` trains it (about 8 minutes): the base and three specialists
     with the scored report. Shared by the slow tests of Cognate and of the phases that take its models."""
     from services.cognate.phase import CognatePhase
 
@@ -50,7 +50,7 @@ def tiny_cognate():
 
 @pytest.fixture(scope="session")
 def tiny_champion(tiny_cognate):
-    """EvoMerge on its defaults over tiny_cognate's models, as `make run` merges them (about 5 minutes)."""
+    """EvoMerge on its defaults over tiny_cognate's models, as the `full` preset merges them (about 5 minutes)."""
     from services.evomerge.phase import EvoMergePhase
 
     phase = EvoMergePhase()
@@ -59,7 +59,7 @@ def tiny_champion(tiny_cognate):
 
 @pytest.fixture(scope="session")
 def tiny_ternary(tiny_champion):
-    """BitNet on its defaults over tiny_champion's model, as `make run` quantizes it (a few minutes)."""
+    """BitNet on its defaults over tiny_champion's model, as the `full` preset quantizes it (a few minutes)."""
     from services.bitnet.phase import BitNetPhase
 
     phase = BitNetPhase()

@@ -57,14 +57,19 @@ class SpecFile(BaseModel):
     steps: list[StepFile]
 
 
-def default_spec() -> pipeline_pb2.PipelineSpec:
-    """Every registered phase in pipeline order, each with its default config written out."""
+def default_spec_file() -> SpecFile:
+    """Every registered phase in pipeline order, each on its default config."""
     registered = available_phases()
     if not registered:
         raise typer.BadParameter("no phases are registered (is the project installed? `make venv`)")
     order = {name: index for index, name in enumerate(PIPELINE_ORDER)}
     names = sorted(registered, key=lambda name: (order.get(name, len(order)), name))
-    return checked_spec(SpecFile(name="default", steps=[StepFile(phase=name) for name in names]))
+    return SpecFile(name="default", steps=[StepFile(phase=name) for name in names])
+
+
+def default_spec() -> pipeline_pb2.PipelineSpec:
+    """The default spec, each step's default config written out."""
+    return checked_spec(default_spec_file())
 
 
 def checked_spec(spec: SpecFile) -> pipeline_pb2.PipelineSpec:
@@ -94,30 +99,36 @@ def checked_spec(spec: SpecFile) -> pipeline_pb2.PipelineSpec:
 
 
 PRESETS_DIR = Path(__file__).parent / "presets"
-DEFAULT_PRESET = "tiny"
+DEFAULT_PRESET = "tiny"  # `make run`'s: the eight phases sized to run in 20 minutes on 2 cores
+FULL_PRESET = "full"  # every phase on its own defaults (what each phase's benchmark measured)
 
 
 def pipeline_presets() -> list[str]:
-    """`tiny` is the default spec (every phase on its defaults, the `tiny` model); others are YAML specs here."""
-    return [DEFAULT_PRESET, *sorted(path.stem for path in PRESETS_DIR.glob("*.yaml"))]
+    """`full` is the default spec (every phase on its defaults, the `tiny` model); the others are YAML specs here."""
+    return [FULL_PRESET, *sorted(path.stem for path in PRESETS_DIR.glob("*.yaml"))]
 
 
-def load_spec(path: Path | None, preset: str = DEFAULT_PRESET) -> pipeline_pb2.PipelineSpec:
+def spec_file(path: Path | None, preset: str = DEFAULT_PRESET) -> SpecFile:
+    """The spec a --spec file or a --preset names, as written (its configs not yet validated)."""
     if path is not None and preset != DEFAULT_PRESET:
         raise typer.BadParameter("give --spec or --preset, not both")
     if preset not in pipeline_presets():
         raise typer.BadParameter(f"unknown preset {preset!r}; known: {', '.join(pipeline_presets())}")
-    if path is None and preset == DEFAULT_PRESET:
-        return default_spec()
+    if path is None and preset == FULL_PRESET:
+        return default_spec_file()
     path = path or PRESETS_DIR / f"{preset}.yaml"
     try:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as error:
         raise typer.BadParameter(f"cannot read spec {path}: {error}") from error
     try:
-        return checked_spec(SpecFile.model_validate(raw))
+        return SpecFile.model_validate(raw)
     except ValidationError as error:
         raise typer.BadParameter(f"{path} is not a pipeline spec:\n{error}") from error
+
+
+def load_spec(path: Path | None, preset: str = DEFAULT_PRESET) -> pipeline_pb2.PipelineSpec:
+    return checked_spec(spec_file(path, preset))
 
 
 # --- the control service, or the local archive ---------------------------------------------------------
@@ -319,7 +330,8 @@ SpecOption = Annotated[Path | None, typer.Option(
 )]
 RunIdOption = Annotated[str, typer.Option(help="Run id (default: a new one).")]
 PresetOption = Annotated[str, typer.Option(
-    help="A named pipeline: `tiny` (every phase on its defaults) or `smoke` (all eight in minutes, for checks).",
+    help="A named pipeline: `tiny` (`make run`'s, 20 minutes on 2 cores), `full` (every phase on its defaults) or "
+         "`smoke` (all eight in minutes, for checks).",
 )]
 
 

@@ -97,6 +97,17 @@ def test_default_spec_is_every_registered_phase_in_pipeline_order_with_default_c
         assert json.loads(step.config_json) == get_phase(step.phase).Config().model_dump(mode="json")
 
 
+def test_make_runs_preset_is_the_eight_phases_and_the_headline_bench_seeds_every_step():
+    from bench.headline import seed_spec
+
+    tiny = fabric_cli.load_spec(None)
+    assert tiny.name == "tiny" and [step.phase for step in tiny.steps] == list(fabric_cli.PIPELINE_ORDER)
+    assert fabric_cli.load_spec(None, "full") == fabric_cli.default_spec()
+    seeded = seed_spec(3)
+    for step, plain in zip(seeded.steps, tiny.steps, strict=True):
+        assert json.loads(step.config_json) == {**json.loads(plain.config_json), "seed": 3}
+
+
 def test_start_without_a_control_service_in_embedded_mode_says_what_to_do(env):
     code, out = invoke("start", "--spec", str(env))
     assert code == 1 and "agentforge run" in out

@@ -125,3 +125,19 @@ def test_the_compression_file_holds_both_settings_rebuilt_exactly_with_the_formu
         sizes = run["sizes"]["compressed"]
         assert sizes["file_bytes"] == sum(sizes[k] for k in ("ternary_range_coded", "ternary_packed", "ternary_scales",
                                                              "seedlm", "vq", "float16", "other_tensors", "header_bytes"))
+
+
+def test_the_pipeline_file_times_both_presets_phase_by_phase_with_the_headline():
+    from bench.pipeline import DEFAULT_OUT as PIPELINE_OUT
+    from bench.pipeline import GOALS_S
+    from shared.fabric.cli import PIPELINE_ORDER
+
+    presets = json.loads(PIPELINE_OUT.read_text())["presets"]
+    assert set(presets) == set(GOALS_S)
+    for name, preset in presets.items():
+        assert [phase["phase"] for phase in preset["phases"]] == list(PIPELINE_ORDER), name
+        # The phases and the headline `agentforge run` ends with happen within the wall time, one after another.
+        assert preset["headline_seconds"] > 0
+        assert sum(phase["seconds"] for phase in preset["phases"]) + preset["headline_seconds"] <= preset["seconds"]
+        assert preset["goal_seconds"] == GOALS_S[name]
+        assert preset["within_goal"] == (preset["seconds"] <= GOALS_S[name])

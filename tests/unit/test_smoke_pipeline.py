@@ -213,5 +213,6 @@ def test_compute_matched_baseline_trains_the_pipelines_tokens_and_fits_the_final
         assert max(len(set(row.tolist())) for row in weight) <= 2 ** record["nbits"]
     # The README renderer takes a seed's record as the benchmark writes it.
     block = render_headline({"command": "python -m bench.headline",
-                             "seeds": {"0": {"seed": 0, "headline": smoke_headline[1], "compute_matched": record}}})
+                             "seeds": {"0": {"seed": 0, "preset": "smoke", "headline": smoke_headline[1],
+                                                   "compute_matched": record}}})
     assert "| model | bytes |" in block and "better in" in block and f"{record['trained_tokens']:,} tokens" in block
