@@ -31,6 +31,7 @@ import functools
 import hashlib
 import json
 import math
+import threading
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -144,6 +145,7 @@ def _task_examples(spec: ScorecardSpec) -> dict[str, list[Example]]:
 # in one process (embedded mode) is the model the step before scored as its output: the same model under the
 # same spec gives the same card, so it is looked up instead of measured twice. Least recently used goes first.
 _CARDS: OrderedDict[str, dict[str, Any]] = OrderedDict()
+_CARDS_LOCK = threading.Lock()
 CARDS_KEPT = 64
 _PLAIN = (bool, int, float, str, type(None))
 _NOT_BEHAVIOUR = ("training", "name_or_path")
@@ -182,14 +184,19 @@ def score(model, tokenizer, spec: ScorecardSpec, progress: ProgressFn = no_progr
     this process already measured for the same model and spec is returned again (a copy), not remeasured."""
     check_readable(spec.split)
     key = card_key(model, tokenizer, spec)
-    if key in _CARDS:
-        _CARDS.move_to_end(key)
+    with _CARDS_LOCK:  # searches score candidates from several threads
+        kept = _CARDS.get(key)
+        if kept is not None:
+            _CARDS.move_to_end(key)
+            kept = copy.deepcopy(kept)
+    if kept is not None:
         progress(1.0, "scorecard: measured before in this process")
-        return copy.deepcopy(_CARDS[key])
+        return kept
     card = _measure(model, tokenizer, spec, progress)
-    _CARDS[key] = copy.deepcopy(card)
-    while len(_CARDS) > CARDS_KEPT:
-        _CARDS.popitem(last=False)
+    with _CARDS_LOCK:
+        _CARDS[key] = copy.deepcopy(card)
+        while len(_CARDS) > CARDS_KEPT:
+            _CARDS.popitem(last=False)
     return card
 
 
