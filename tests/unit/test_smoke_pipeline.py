@@ -214,5 +214,9 @@ def test_compute_matched_baseline_trains_the_pipelines_tokens_and_fits_the_final
     # The README renderer takes a seed's record as the benchmark writes it.
     block = render_headline({"command": "python -m bench.headline",
                              "seeds": {"0": {"seed": 0, "preset": "smoke", "headline": smoke_headline[1],
-                                                   "compute_matched": record}}})
+                                                   "compute_matched": record, "pipeline_seconds": 90.0}}})
     assert "| model | bytes |" in block and "better in" in block and f"{record['trained_tokens']:,} tokens" in block
+    headline = smoke_headline[1]
+    met = (headline["models"][1]["bytes_over_forged"] > 1
+           and headline["comparisons"][best.name]["metrics"]["tasks.mean_task_success"]["verdict"] == "better")
+    assert f"the best specialist, {best.name}, and better" in block and f"is met in {int(met)} of 1 seed." in block
