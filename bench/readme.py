@@ -691,15 +691,15 @@ def render_headline(results: dict[str, Any]) -> str:
     best = labels[1]
     met = sum(model(r, 1)["bytes_over_forged"] > 1 and comparison(r, 1)["metrics"][MEAN_METRIC]["verdict"] == "better"
               for r in records)
+    seed_word = "seeds" if len(records) > 1 else "seed"
     return "\n".join([
-        f"From `{results['command']}` ({len(records)} pipeline seed{'s' if len(records) > 1 else ''}: {seeds}; "
-        "`make run`'s pipeline, the "
-        f"`{records[0]['preset']}` preset). Final split (read only here and by the pipeline's final report), "
-        "300 problems a task; each cell the mean ± sd over the seeds. Bytes on disk are the smallest file that rebuilds the model; "
-        "the compute-matched baselines' bytes are by formula.", "",
+        f"From `{results['command']}` ({len(records)} pipeline {seed_word}: {seeds}; `make run`'s "
+        f"pipeline, the `{records[0]['preset']}` preset). Final split (read only here and by the pipeline's final "
+        "report), 300 problems a task; each cell the mean ± sd over the seeds. Bytes on disk are the smallest file "
+        "that rebuilds the model; the compute-matched baselines' bytes are by formula.", "",
         *_table(["model", "bytes", "× forged", "bits/byte", "mean task success", "tokens/s"], rows), "",
         f"The promise (smaller than the best specialist, {best}, and better than it in mean task success by the "
-        f"paired 95% interval) is met in {met} of {len(records)} seed{'s' if len(records) > 1 else ''}.", "",
+        f"paired 95% interval) is met in {met} of {len(records)} {seed_word}.", "",
         f"{forged} against each model, by its paired 95% interval per seed:", "",
         *_table(["against", "bits/byte", "mean task success", "Pareto relation, per seed"], comparisons), "",
         f"The compute-matched baseline (seed {records[0]['seed']}): {matched['from']} fine-tuned on the multitask mix "
