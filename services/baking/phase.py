@@ -31,7 +31,8 @@ from services.baking.behaviour import changes_behaviour, measure, paired
 from services.baking.objective import PromptKL
 from services.baking.prompts import DEFAULT_PROMPTS, PromptConfig, dialogue_inputs, prompt_examples, prompt_inputs
 from services.baking.student import LoraSettings, StudentKind, fold, make_student, trainable_parameters
-from services.baking.trajectories import SamplingConfig, check_prompt, sample_trajectories, teacher_rows
+from services.baking.trajectories import (SamplingConfig, at_most, check_prompt, input_room, sample_trajectories,
+                                         teacher_rows)
 from shared.phase import ForgedModel, Phase, PhaseConfig, PhaseResult, ProgressFn, no_progress, one_ternary_model
 from shared.scorecard import (TEXT_METRIC, ScorecardSpec, compare, headline_figures, lower_is_better, report_section,
                               score)
@@ -85,12 +86,14 @@ class BakingConfig(PhaseConfig):
         return prompts
 
 
-def anchor_streams(config: BakingConfig) -> dict[str, tuple[str, bool, dict[str, list[str]]]]:
-    """The anchor's inputs, no prompt: problems of each scorecard task (with the calculator) and play excerpts."""
+def anchor_streams(config: BakingConfig, tokenizer, context: int) -> dict[str, tuple[str, bool, dict[str, list[str]]]]:
+    """The anchor's inputs, no prompt: problems of each scorecard task (with the calculator) and play excerpts
+    (those that fit the context before a speech)."""
     task_inputs = {split: [e.prompt for suite, level, _ in config.scorecard.tasks
                            for e in make_examples(suite, level, split, config.anchor_inputs, config.seed, allow_fewer=True)]
                    for split in SPLIT_SEED_OFFSET}
-    text_inputs = {split: dialogue_inputs(split, config.anchor_inputs, config.seed, config.excerpt_chars)
+    fits = at_most(tokenizer, context - config.sampling.speech_tokens)
+    text_inputs = {split: dialogue_inputs(split, config.anchor_inputs, config.seed, config.excerpt_chars, fits)
                    for split in SPLIT_SEED_OFFSET}
     return {f"{ANCHOR}.tasks": ("", True, task_inputs), f"{ANCHOR}.text": ("", False, text_inputs)}
 
@@ -116,14 +119,18 @@ class BakingPhase(Phase):
         forged = one_ternary_model(models, self.name)
         tokenizer = forged.tokenizer
         input_model = trainable_ternary(forged.model).eval()
+        context = input_model.config.max_position_embeddings
         sizes = {"train": config.train_inputs, "validation": config.validation_inputs, "test": config.test_inputs}
-        inputs = {p.name: {split: prompt_inputs(p, split, n, config.seed, config.excerpt_chars) for split, n in sizes.items()}
+        # Play excerpts are drawn among those that fit the context with the prompt and a trajectory.
+        fits = {p.name: at_most(tokenizer, input_room(tokenizer, p, config.sampling, context)) for p in config.prompts}
+        inputs = {p.name: {split: prompt_inputs(p, split, n, config.seed, config.excerpt_chars, fits[p.name])
+                           for split, n in sizes.items()}
                   for p in config.prompts}
         examples = {p.name: {split: prompt_examples(p, split, sizes[split], config.seed) for split in ("validation", "test")}
                     for p in config.prompts}
         for prompt in config.prompts:  # before any work: a prompt too long for the model is a config error
             check_prompt(tokenizer, prompt, [text for split in inputs[prompt.name].values() for text in split],
-                         config.sampling, input_model.config.max_position_embeddings)
+                         config.sampling, context)
 
         def behaviour(model, prompt: PromptConfig, split: str, prompted: bool) -> dict:
             return measure(model, tokenizer, prompt, inputs[prompt.name][split], examples[prompt.name][split], prompted,
@@ -183,7 +190,7 @@ class BakingPhase(Phase):
         tokenizer = forged.tokenizer
         streams = {prompt.name: (prompt.text, prompt.kind == "tools", inputs[prompt.name]) for prompt in prompts}
         if config.anchor:
-            streams.update(anchor_streams(config))
+            streams.update(anchor_streams(config, tokenizer, input_model.config.max_position_embeddings))
         rows, samples = {}, {}
         for split, offset in SPLIT_SEED_OFFSET.items():
             rows[split] = {}

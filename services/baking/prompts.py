@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import random
 import re
+from collections.abc import Callable
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -113,22 +114,30 @@ PERSONA_PROMPT = PromptConfig(
 DEFAULT_PROMPTS = (TOOL_PROMPT, PERSONA_PROMPT)
 
 
-def dialogue_inputs(split: str, n: int, seed: int, max_chars: int) -> list[str]:
+def dialogue_inputs(split: str, n: int, seed: int, max_chars: int,
+                    fits: Callable[[str], bool] = lambda text: True) -> list[str]:
     """n excerpts of the split's plays, each of whole speeches (at most max_chars characters), ending with
     the newline after a speech's last line, so that what follows is a newline, the next speaker's name and
     speech. (Ending after the blank line would end the input on a two-newline token that training text
-    only ever has before more white space, never before a name.)"""
+    only ever has before more white space, never before a name.)
+
+    An excerpt that `fits` refuses (too many tokens for the model's context with its prompt and trajectory:
+    characters do not bound tokens) loses its first speeches until it fits, and is left out if its last
+    speech alone does not. While none is left out, the draw is the one without `fits`, shortened excerpts in
+    place of long ones."""
     check_readable(split)
     candidates = []
     for document in english_documents(split):
         starts = [match.end() for match in NEXT_SPEECH.finditer(document)]
         for i, end in enumerate(starts):
             first = bisect.bisect_left(starts, end - max_chars)  # the earliest speech that keeps it short enough
-            if first < i:  # without the blank line's second newline, which the model writes (see below)
-                candidates.append(document[starts[first]:end - 1])
+            # Without the blank line's second newline, which the model writes (see above).
+            excerpt = next((text for start in starts[first:i] if fits(text := document[start:end - 1])), None)
+            if excerpt is not None:
+                candidates.append(excerpt)
     if len(candidates) < n:
-        raise ValueError(f"the {split} plays hold {len(candidates)} excerpts of at most {max_chars} characters, "
-                         f"fewer than the {n} asked for")
+        raise ValueError(f"the {split} plays hold {len(candidates)} excerpts of at most {max_chars} characters "
+                         f"(and few enough tokens for the context), fewer than the {n} asked for")
     return random.Random(seed).sample(candidates, n)
 
 
@@ -137,10 +146,12 @@ def next_speech(continuation: str) -> str:
     return continuation.lstrip("\n").split("\n\n", 1)[0]
 
 
-def prompt_inputs(prompt: PromptConfig, split: str, n: int, seed: int, max_chars: int) -> list[str]:
-    """n held-out inputs of a prompt from a split (n problems of each of a tools prompt's tasks)."""
+def prompt_inputs(prompt: PromptConfig, split: str, n: int, seed: int, max_chars: int,
+                  fits: Callable[[str], bool]) -> list[str]:
+    """n held-out inputs of a prompt from a split (n problems of each of a tools prompt's tasks; play
+    excerpts that `fits` accepts for a persona)."""
     if prompt.kind == "persona":
-        return dialogue_inputs(split, n, seed, max_chars)
+        return dialogue_inputs(split, n, seed, max_chars, fits)
     return [example.prompt for suite, level in prompt.tasks
             for example in make_examples(suite, level, split, n, seed, allow_fewer=split == "train")]
 

@@ -13,7 +13,7 @@ rows (the input's own trajectories, no prompt: phase.py) have a prompt of length
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -47,14 +47,26 @@ def prompt_ids(tokenizer, prompt: PromptConfig) -> list[int]:
     return tokenizer(prompt.text, add_special_tokens=False)["input_ids"]
 
 
+def input_room(tokenizer, prompt: PromptConfig, config: SamplingConfig, context: int) -> int:
+    """The most tokens an input of this prompt may have: the model's context less the prompt and its longest
+    trajectory."""
+    return context - len(prompt_ids(tokenizer, prompt)) - config.trajectory_tokens(tokenizer, prompt)
+
+
+def at_most(tokenizer, tokens: int) -> Callable[[str], bool]:
+    """Whether a text is at most this many tokens."""
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= tokens
+
+
 def check_prompt(tokenizer, prompt: PromptConfig, inputs: Sequence[str], config: SamplingConfig, context: int) -> None:
     """A ValueError, naming the numbers, for a prompt that with its longest input and trajectory overflows the
     model's context, or whose tokens change when an input follows it (the student's view of a row would then
     not be the teacher's without the prompt)."""
     own = prompt_ids(tokenizer, prompt)
     encoded = tokenizer(list(inputs), add_special_tokens=False)["input_ids"]
-    longest, trajectory = max(map(len, encoded)), config.trajectory_tokens(tokenizer, prompt)
-    if len(own) + longest + trajectory > context:
+    longest = max(map(len, encoded))
+    if longest > input_room(tokenizer, prompt, config, context):
+        trajectory = config.trajectory_tokens(tokenizer, prompt)
         raise ValueError(f"prompt {prompt.name!r} is {len(own)} tokens; with its longest input ({longest}) and "
                          f"trajectory ({trajectory}) that is {len(own) + longest + trajectory}, more than the "
                          f"model's context of {context} tokens")

@@ -11,7 +11,7 @@ from services.baking.objective import PromptKL
 from services.baking.phase import BakingConfig
 from services.baking.prompts import DEFAULT_PROMPTS, PERSONA_PROMPT, TOOL_PROMPT, PromptConfig, dialogue_inputs, next_speech
 from services.baking.student import LoraSettings, fold, make_student
-from services.baking.trajectories import SamplingConfig, TeacherRow, check_prompt, teacher_rows
+from services.baking.trajectories import SamplingConfig, TeacherRow, at_most, check_prompt, input_room, teacher_rows
 from shared.data.splits import split_of
 from shared.data.tasks import INSTRUCTION, expression_key, make_examples
 from shared.evaluation import sampled_continuations
@@ -65,6 +65,25 @@ def test_dialogue_inputs_are_whole_speeches_that_end_where_the_next_begins():
         assert text.split("\n", 1)[0].endswith(".")  # opens with a speaker's name
     assert next_speech("\nFORGE.\nGood friend.\n\nMIRANDA.\nNo.") == "FORGE.\nGood friend."
     assert PERSONA_PROMPT.traits[0].shown_by("FORGE.\nI am here.") and not PERSONA_PROMPT.traits[0].shown_by("MIRANDA.\nForge on.")
+
+
+def test_persona_inputs_are_drawn_among_excerpts_that_fit_the_context(micro_bitnet):
+    """Characters do not bound tokens: an excerpt too long for the context with its prompt and trajectory
+    loses its first speeches (or is left out) instead of failing the phase; when all fit, the draw is unchanged."""
+    _, tokenizer = micro_bitnet
+    prompt = PromptConfig(name="me", kind="persona", text="FORGE.\nFriend.\n", traits=PERSONA_PROMPT.traits)
+    sampling = SamplingConfig(speech_tokens=8)
+    fits = at_most(tokenizer, input_room(tokenizer, prompt, sampling, context=200))
+    unbounded = dialogue_inputs("validation", 40, seed=0, max_chars=240)
+    bounded = dialogue_inputs("validation", 40, seed=0, max_chars=240, fits=fits)
+    assert not all(map(fits, unbounded))  # what this test is about happens
+    with pytest.raises(ValueError, match="more than the model's context of 200 tokens"):
+        check_prompt(tokenizer, prompt, unbounded, sampling, context=200)
+    check_prompt(tokenizer, prompt, bounded, sampling, context=200)
+    assert len(set(bounded)) == 40
+    for text in bounded:
+        assert text[0].isupper() and text.endswith("\n") and text.split("\n", 1)[0].endswith(".")  # whole speeches
+    assert dialogue_inputs("validation", 40, seed=0, max_chars=240, fits=at_most(tokenizer, 240)) == unbounded
 
 
 def test_sampling_repeats_with_its_seed_and_needs_a_temperature(micro_bitnet):
