@@ -40,30 +40,30 @@ def micro_bitnet(small_corpus):
 
 @pytest.fixture(scope="session")
 def tiny_cognate():
-    """Cognate on its defaults, as `make run` trains it (about 8 minutes): the base and three specialists
-    with the scored report. Shared by the slow tests of Cognate and of the phases that take its models."""
+    """Cognate as `make run` trains it, on its defaults (about 8 minutes): the base and three specialists with
+    the scored report. Shared by the slow tests of Cognate and of the phases that take its models."""
     from services.cognate.phase import CognatePhase
+    from tests.make_run import make_run_config
 
-    phase = CognatePhase()
-    return phase.transform([], phase.parse_config({"preset": "tiny"}))
+    return CognatePhase().transform([], make_run_config("cognate"))
 
 
 @pytest.fixture(scope="session")
 def tiny_champion(tiny_cognate):
-    """EvoMerge on its defaults over tiny_cognate's models, as the `full` preset merges them (about 5 minutes)."""
+    """EvoMerge over tiny_cognate's models as `make run` merges them (about a minute)."""
     from services.evomerge.phase import EvoMergePhase
+    from tests.make_run import make_run_config
 
-    phase = EvoMergePhase()
-    return phase.transform(tiny_cognate.models, phase.parse_config({}))
+    return EvoMergePhase().transform(tiny_cognate.models, make_run_config("evomerge"))
 
 
 @pytest.fixture(scope="session")
 def tiny_ternary(tiny_champion):
-    """BitNet on its defaults over tiny_champion's model, as the `full` preset quantizes it (a few minutes)."""
+    """BitNet over tiny_champion's model as `make run` quantizes it (under a minute)."""
     from services.bitnet.phase import BitNetPhase
+    from tests.make_run import make_run_config
 
-    phase = BitNetPhase()
-    return phase.transform(tiny_champion.models, phase.parse_config({}))
+    return BitNetPhase().transform(tiny_champion.models, make_run_config("bitnet"))
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ from services.baking.phase import ANCHOR, FAR_BELOW, BakingConfig, BakingPhase
 from services.baking.prompts import TOOL_PROMPT
 from shared.phase import get_phase
 from shared.scorecard import ScorecardSpec
+from tests.make_run import make_run_config
 from tests.phase_checks import assert_hand_off_keeps_the_logits, assert_registered_after
 from tests.scorecard_checks import assert_one_scorecard
 
@@ -79,7 +80,7 @@ def test_on_the_tiny_pipeline_baking_the_instruction_moves_the_calls_into_the_we
     model follows it too little to bake): far lower held-out KL to the prompted input than the input's, and
     without any prompt more test requests answered with the calculator than the input, paired interval
     above zero; still ternary."""
-    result = BakingPhase().transform(tiny_ternary.models, BakingConfig(prompts=(TOOL_PROMPT,)))
+    result = BakingPhase().transform(tiny_ternary.models, make_run_config("baking", prompts=(TOOL_PROMPT,)))
     report = result.report
     assert report["baked_prompts"] == ["tools"]
     test = report["test"]["tools"]

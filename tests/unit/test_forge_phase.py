@@ -9,6 +9,7 @@ from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.phase import get_phase
 from shared.scorecard import ScorecardSpec
 from shared.ternary.bitlinear import BitLinear
+from tests.make_run import make_run_config
 from tests.phase_checks import assert_hand_off_keeps_the_logits, assert_registered_after
 from tests.scorecard_checks import assert_one_scorecard
 from tests.unit.test_bitnet_phase import MICRO as MICRO_BITNET
@@ -104,7 +105,8 @@ def test_bad_input_is_refused(micro_ternary):
 def test_on_the_tiny_pipeline_forge_keeps_the_model_ternary_and_says_whether_it_beats_its_input(tiny_ternary):
     """The check on what `make run` forges (without the ablation runs, which bench/forge.py makes): the output
     is ternary at the input's packed size, and the report's verdict against the input follows its margins."""
-    result = ForgePhase().transform(tiny_ternary.models, ForgeConfig(ablations=False))
+    config = make_run_config("forge")
+    result = ForgePhase().transform(tiny_ternary.models, config)
     report = result.report
     assert_one_scorecard(report)
     assert report["ternary"]["same_packed_size"] and report["ternary"]["packed_logits_max_abs_diff"] == 0.0
@@ -112,4 +114,4 @@ def test_on_the_tiny_pipeline_forge_keeps_the_model_ternary_and_says_whether_it_
     verdicts = [margins["metrics"][m]["verdict"] for m in margins["headline"]]
     assert report["summary"]["beats_input"] == ("worse" not in verdicts and "better" in verdicts)
     measurements = report["runs"]["forge"]["curriculum"]["measurements"]
-    assert len(measurements) == ForgeConfig().training.steps // ForgeConfig().curriculum.check_every
+    assert len(measurements) == config.training.steps // config.curriculum.check_every

@@ -15,6 +15,7 @@ from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.models import Preset
 from shared.phase import get_phase
 from shared.scorecard import ScorecardSpec
+from tests.make_run import make_run_config
 from tests.scorecard_checks import assert_one_scorecard
 
 pytestmark = [pytest.mark.unit, pytest.mark.slow]
@@ -102,7 +103,7 @@ def test_bad_input_is_refused(micro_model, result):
 def test_on_the_tiny_champion_the_mean_reward_rises_above_zero(tiny_champion):
     """The check on what `make run` trains: thoughts come to help predict the text (the report's curve)."""
     (champion,) = tiny_champion.models
-    result = QuietStarPhase().transform([dataclasses.replace(champion)], QuietStarConfig())
+    result = QuietStarPhase().transform([dataclasses.replace(champion)], make_run_config("quietstar"))
     assert_one_scorecard(result.report)
     reward = result.report["reward"]
     assert reward["above_zero"] and reward["last"] > reward["first"], reward
