@@ -40,7 +40,7 @@ from services.cognate.phase import MULTITASK, CognatePhase
 from services.compression.baselines import GROUP, baseline_bits_per_weight, hqq, round_to_nearest
 from shared.data.skills import skill_rows
 from shared.data.splits import FINAL
-from shared.fabric.checkpoint_cli import headline_contenders
+from shared.fabric.checkpoint_cli import cognate_report, headline_contenders
 from shared.fabric.cli import DEFAULT_PRESET, SpecFile, checked_spec, run_here, spec_file
 from shared.headline import Contender, measure
 from shared.models import get_preset
@@ -63,17 +63,12 @@ def seed_spec(seed: int):
                                         for step in spec.steps]))
 
 
-def _report(status, phase: str) -> dict:
-    (done,) = [done for done in status.completed_steps if done.phase == phase]
-    return json.loads(done.report_json)
-
-
 def tokens_after(status, specialist: str) -> int:
     """Training tokens the pipeline spent after `specialist` was trained: every curve of every phase report,
     less the base's and the specialist's own (which the compute-matched baseline already holds)."""
     total = sum(curve["tokens"] for done in status.completed_steps
                 for _, curve in curves_in(json.loads(done.report_json)))
-    cognate = _report(status, "cognate")["curves"]
+    cognate = cognate_report(status)["curves"]
     return total - cognate["base"]["curve"]["tokens"] - cognate[specialist]["curve"]["tokens"]
 
 
@@ -105,7 +100,7 @@ def compute_matched(status, specialist: Contender, final_bytes: int, progress) -
     largest b that fits final_bytes; and what was done, for the results file."""
     cognate_step = next(step for step in status.spec.steps if step.phase == "cognate")
     config = CognatePhase().parse_config(json.loads(cognate_step.config_json or "{}"))
-    multitask = _report(status, "cognate")["curves"][MULTITASK]
+    multitask = cognate_report(status)["curves"][MULTITASK]
     budget = tokens_after(status, specialist.name)
     seq_len = get_preset(config.preset).max_positions
     batch_size = multitask["training"]["batch_size"]

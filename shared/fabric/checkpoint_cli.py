@@ -183,7 +183,8 @@ def report_command(
     console.print(f"report of run {status.run_id}: {out}", highlight=False, soft_wrap=True)
 
 
-def _cognate_report(status) -> dict:
+def cognate_report(status) -> dict:
+    """The report of the run's Cognate step (the models the headline compares with came from it)."""
     cognate = [done for done in status.completed_steps if done.phase == "cognate"]
     if not cognate:
         raise LookupError(f"run {status.run_id} has no Cognate step: its headline needs the models it started from")
@@ -208,7 +209,7 @@ def headline_contenders(settings: Settings, status, folder: Path) -> list:
     measured, each with its bytes on disk (shared.headline.Contender)."""
     from shared.scorecard import MEAN_METRIC
 
-    report = _cognate_report(status)
+    report = cognate_report(status)
     cards = report.get("scorecard", {}).get("cards", {})
     specialists = [name for name in report.get("speciality", {}) if name in cards]
     if not specialists:
