@@ -67,6 +67,15 @@ def tiny_ternary(tiny_champion):
 
 
 @pytest.fixture(scope="session")
+def tiny_forged(tiny_ternary):
+    """Forge training over tiny_ternary's model as `make run` runs it (under a minute): what `make run` bakes."""
+    from services.forge.phase import ForgePhase
+    from tests.make_run import make_run_config
+
+    return ForgePhase().transform(tiny_ternary.models, make_run_config("forge"))
+
+
+@pytest.fixture(scope="session")
 def micro_ternary():
     """BitNet, shortened, on a micro float model (context 64): the ternary input of the later phases' micro tests."""
     from services.bitnet.__main__ import train_float_model

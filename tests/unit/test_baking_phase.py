@@ -75,12 +75,12 @@ def test_bad_input_is_refused_before_any_work(micro_ternary):
         phase.transform(micro_ternary.models, too_long)
 
 
-def test_on_the_tiny_pipeline_baking_the_instruction_moves_the_calls_into_the_weights(tiny_ternary):
+def test_on_the_tiny_pipeline_baking_the_instruction_moves_the_calls_into_the_weights(tiny_forged):
     """The checks on what `make run` bakes, for the tools prompt (the persona is bench/baking.py's: a tiny
     model follows it too little to bake): far lower held-out KL to the prompted input than the input's, and
     without any prompt more test requests answered with the calculator than the input, paired interval
     above zero; still ternary."""
-    result = BakingPhase().transform(tiny_ternary.models, make_run_config("baking", prompts=(TOOL_PROMPT,)))
+    result = BakingPhase().transform(tiny_forged.models, make_run_config("baking", prompts=(TOOL_PROMPT,)))
     report = result.report
     assert report["baked_prompts"] == ["tools"]
     test = report["test"]["tools"]

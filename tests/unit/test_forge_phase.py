@@ -102,12 +102,10 @@ def test_bad_input_is_refused(micro_ternary):
         phase.transform([float_model(MICRO_SHAPE, MICRO_BITNET, steps=21, name="float")], MICRO)
 
 
-def test_on_the_tiny_pipeline_forge_keeps_the_model_ternary_and_says_whether_it_beats_its_input(tiny_ternary):
+def test_on_the_tiny_pipeline_forge_keeps_the_model_ternary_and_says_whether_it_beats_its_input(tiny_forged):
     """The check on what `make run` forges (without the ablation runs, which bench/forge.py makes): the output
     is ternary at the input's packed size, and the report's verdict against the input follows its margins."""
-    config = make_run_config("forge")
-    result = ForgePhase().transform(tiny_ternary.models, config)
-    report = result.report
+    config, report = make_run_config("forge"), tiny_forged.report
     assert_one_scorecard(report)
     assert report["ternary"]["same_packed_size"] and report["ternary"]["packed_logits_max_abs_diff"] == 0.0
     margins = report["against_input"]
