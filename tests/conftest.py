@@ -59,7 +59,8 @@ def tiny_champion(tiny_cognate):
 
 @pytest.fixture(scope="session")
 def tiny_ternary(tiny_champion):
-    """BitNet over tiny_champion's model as `make run` quantizes it (under a minute)."""
+    """BitNet over tiny_champion's model with `make run`'s BitNet config (under a minute). `make run` quantizes
+    Quiet-STaR's output; this chain leaves Quiet-STaR out (its check trains on the champion by itself)."""
     from services.bitnet.phase import BitNetPhase
     from tests.make_run import make_run_config
 
@@ -68,7 +69,8 @@ def tiny_ternary(tiny_champion):
 
 @pytest.fixture(scope="session")
 def tiny_forged(tiny_ternary):
-    """Forge training over tiny_ternary's model as `make run` runs it (under a minute): what `make run` bakes."""
+    """Forge training over tiny_ternary's model with `make run`'s Forge config (under a minute): the input of
+    baking's check, as Forge's output is baking's input in `make run`."""
     from services.forge.phase import ForgePhase
     from tests.make_run import make_run_config
 
